@@ -1,0 +1,1 @@
+"""popcontrol server: REST API, database, ingest, jobs and the operator dashboard."""

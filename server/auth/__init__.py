@@ -1,0 +1,1 @@
+"""Bearer tokens with roles: operator, rig, worker, viewer."""

@@ -1,0 +1,1 @@
+"""Subjects, their electrode arrays and sites, and rigs."""

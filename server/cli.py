@@ -1,0 +1,107 @@
+"""The ``popcontrol`` command line: the composition root. Heavy imports stay inside commands."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="popcontrol: closed-loop neural population control.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database administration.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(token_app, name="token")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Migrate the database (POPCONTROL_DATABASE_URL, default ./var/popcontrol.db) to REVISION."""
+    from server.config import get_settings
+    from server.db.session import upgrade
+
+    url = get_settings().resolved_database_url
+    upgrade(url, revision)
+    typer.echo(f"database at {revision}: {url.split('@')[-1]}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str) -> None:
+    """Migrate the database down to REVISION (`base` removes every table)."""
+    from server.config import get_settings
+    from server.db.session import downgrade
+
+    downgrade(get_settings().resolved_database_url, revision)
+    typer.echo(f"database at {revision}")
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[str, typer.Option(help="operator, rig, worker or viewer")],
+    rig: Annotated[str | None, typer.Option(help="the rig a rig token belongs to")] = None,
+    name: Annotated[str, typer.Option(help="who or what uses the token")] = "",
+) -> None:
+    """Create an API token. It is printed once, as the last word of the output."""
+    from server.auth.tokens import create_token
+    from server.config import get_settings
+    from server.db.session import check_schema, engine_for, make_sessionmaker, transaction
+    from server.errors import PopcontrolError
+
+    engine = engine_for(get_settings())
+    try:
+        check_schema(engine)
+        with transaction(make_sessionmaker(engine)) as db:
+            token = create_token(db, role, rig, name)
+    except PopcontrolError as exc:
+        _fail(exc.detail)
+    typer.echo(f"created {role} token (store it now, it is not shown again): {token}")
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str | None, typer.Option(help="address to listen on")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port")] = None,
+    no_ingest: Annotated[
+        bool, typer.Option("--no-ingest", help="do not run the ZeroMQ ingest")
+    ] = False,
+) -> None:
+    """Run the REST API, the dashboard and (unless --no-ingest) the rig ingest endpoint."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.config import get_settings
+    from server.db.session import check_schema, engine_for
+    from server.errors import DatabaseNotReady
+
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    engine = engine_for(settings)
+    try:
+        check_schema(engine)
+    except DatabaseNotReady as exc:
+        _fail(exc.detail)
+    finally:
+        engine.dispose()
+    application = create_app(settings, ingest=not no_ingest and settings.ingest_enabled)
+    uvicorn.run(
+        application, host=host or settings.host, port=port or settings.port, log_level="info"
+    )
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(prog_name="popcontrol")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Database: ORM tables (``models``) and engine/session handling (``session``)."""

@@ -1,0 +1,1 @@
+"""Recording sessions, their blocks, next-block scheduling and presentations."""

@@ -1,0 +1,1 @@
+"""Stimulus images (content-addressed) and ordered stimulus sets."""
