@@ -79,7 +79,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         data_dir=tmp_path / "data",
         database_url=database_url,
         ingest_enabled=False,
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
     )
 
 

@@ -135,10 +135,11 @@ def list_presentations(
     query = query.order_by(Presentation.received_at, Presentation.id).limit(limit).offset(offset)
     out = []
     for row in db.scalars(query):
-        item = PresentationOut.model_validate(row)
-        if include_counts:
-            item.spike_counts = np.frombuffer(row.spike_counts, dtype="<u2").tolist()
-        out.append(item)
+        fields = {name: getattr(row, name) for name in PresentationOut.model_fields}
+        fields["spike_counts"] = (
+            np.frombuffer(row.spike_counts, dtype="<u2").tolist() if include_counts else None
+        )
+        out.append(PresentationOut(**fields))
     return out
 
 

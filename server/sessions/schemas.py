@@ -98,7 +98,7 @@ class BlockProgress(BaseModel):
     shown_counts: dict[str, int] = Field(default_factory=dict, max_length=100_000)
 
 
-class PresentationOut(ORMModel):
+class PresentationOut(BaseModel):
     id: str
     session_id: int
     block_id: int

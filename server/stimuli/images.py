@@ -56,9 +56,10 @@ def canonicalize(
             image.load()
     except Invalid:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise Invalid(
-            "the image would decompress to too many pixels (decompression bomb guard)"
+            f"the image would decompress to too many pixels ({exc}); the limit is "
+            f"{max_px}×{max_px} px (decompression bomb guard)"
         ) from None
     except Exception as exc:  # PIL raises many types for corrupt data
         raise Invalid(
