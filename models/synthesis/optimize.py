@@ -21,7 +21,7 @@ from models.synthesis.config import SynthesisConfig
 from models.synthesis.objectives import Objective, Responses
 from models.synthesis.param import make_param
 from models.synthesis.protocol import EncoderLike
-from models.synthesis.transforms import apply_affine, draw_affine
+from models.synthesis.transforms import apply_jitter, draw_jitter
 
 
 @dataclass(frozen=True)
@@ -110,10 +110,12 @@ def optimize_batch(
         if config.grad_blur_sigma_px > 0:
             images = _BlurGrad.apply(images, config.grad_blur_sigma_px)
         if jitter.active:
-            theta = draw_affine(generators, copies, config.size_px, jitter)
-            views = apply_affine(images, theta)  # (copies*batch, C, H, W)
-        else:
+            draw = draw_jitter(generators, copies, config.size_px, jitter)
+            views = apply_jitter(images, draw, jitter)  # (copies*batch, C, H, W)
+        elif copies > 1:
             views = images.repeat(copies, 1, 1, 1)
+        else:
+            views = images
         responses = make_responses(encoder, views, target_rep, columns, need_members)
         values = objective(responses).view(copies, batch)  # (copies, batch)
         score = values.mean(dim=0)  # (batch,)

@@ -41,18 +41,22 @@ def gaussian_kernel(sigma_px: float) -> Tensor:
 
 
 def blur(images: Tensor, sigma_px: float) -> Tensor:
-    """Separable Gaussian blur of (batch, C, H, W), reflecting at the borders."""
+    """Separable Gaussian blur of (batch, C, H, W), reflecting at the borders.
+
+    Written as a weighted sum of shifted views: for the short kernels used here this is
+    several times faster on the CPU than a depthwise convolution.
+    """
     if sigma_px <= 0:
         return images
-    kernel = gaussian_kernel(sigma_px).to(images.device, images.dtype)
-    channels = images.shape[1]
-    radius = kernel.numel() // 2
-    kx = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
-    ky = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
-    out = F.pad(images, (radius, radius, 0, 0), mode="reflect")
-    out = F.conv2d(out, kx, groups=channels)
-    out = F.pad(out, (0, 0, radius, radius), mode="reflect")
-    return F.conv2d(out, ky, groups=channels)
+    taps = gaussian_kernel(sigma_px).tolist()
+    radius = len(taps) // 2
+    if radius >= min(images.shape[-2:]):
+        raise ValueError(f"blur sigma {sigma_px} px is too large for {tuple(images.shape[-2:])}")
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (radius, radius, 0, 0), mode="reflect")
+    rows = sum(w * padded[..., :, k : k + width] for k, w in enumerate(taps))
+    padded = F.pad(rows, (0, 0, radius, radius), mode="reflect")
+    return sum(w * padded[..., k : k + height, :] for k, w in enumerate(taps))
 
 
 def luminance(images: Tensor) -> Tensor:

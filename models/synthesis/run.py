@@ -79,13 +79,17 @@ def decode_png(data: bytes) -> Tensor:
 
 @contextlib.contextmanager
 def _deterministic(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels for the duration, without NaN-filling every new tensor (slow)."""
     previous = torch.are_deterministic_algorithms_enabled()
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
     if enabled:
         torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
+        torch.utils.deterministic.fill_uninitialized_memory = previous_fill  # type: ignore[attr-defined]
 
 
 def synthesize(

@@ -11,7 +11,14 @@ from models.synthesis import objectives as obj
 from models.synthesis import regularizers as reg
 from models.synthesis.param import FourierParam, PixelParam, rf_masked_start
 from models.synthesis.select import best_k
-from models.synthesis.transforms import JitterConfig, apply_affine, draw_affine
+from models.synthesis.transforms import (
+    JitterConfig,
+    affine_matrices,
+    apply_affine,
+    apply_jitter,
+    draw_jitter,
+    shift_views,
+)
 
 
 def responses(mean: torch.Tensor, target_col: list[int], members: torch.Tensor | None = None):
@@ -87,17 +94,36 @@ def test_rf_masked_start_is_gray_outside_the_field() -> None:
 
 def test_shift_moves_whole_pixels_within_the_configured_range() -> None:
     gens = [torch.Generator().manual_seed(s) for s in range(16)]
-    cfg = JitterConfig(shift_frac=0.1)
-    theta = draw_affine(gens, copies=2, size_px=40, config=cfg)  # (32, 2, 3)
-    shift_px = theta[:, :, 2] * 40 / 2
-    assert torch.allclose(shift_px, shift_px.round(), atol=1e-5)
-    assert float(shift_px.abs().max()) <= 4.0
-    assert float(shift_px.abs().max()) >= 1.0
+    draw = draw_jitter(gens, copies=2, size_px=40, config=JitterConfig(shift_frac=0.1))
+    assert draw.shift_px.shape == (32, 2)
+    assert torch.equal(draw.shift_px, draw.shift_px.round())
+    assert float(draw.shift_px.abs().max()) == 4.0  # 10 % of 40 px, both signs drawn
+    assert float(draw.shift_px.min()) == -4.0
     image = torch.zeros((1, 1, 40, 40))
     image[0, 0, 20, 20] = 1.0
-    one = torch.tensor([[[1.0, 0.0, 4 * 2 / 40], [0.0, 1.0, 0.0]]])
-    moved = apply_affine(image, one)
-    assert torch.nonzero(moved[0, 0] > 0.99).tolist() == [[20, 16]]
+    moved = shift_views(image, torch.tensor([[4.0, -2.0]]))
+    assert torch.nonzero(moved[0, 0] > 0.99).tolist() == [[22, 16]]
+
+
+def test_fast_shift_path_equals_the_affine_resampling() -> None:
+    gens = [torch.Generator().manual_seed(s) for s in range(3)]
+    images = torch.rand((3, 2, 24, 24), generator=torch.Generator().manual_seed(9))
+    draw = draw_jitter(gens, copies=2, size_px=24, config=JitterConfig(shift_frac=0.2))
+    fast = shift_views(images, draw.shift_px)  # (6, 2, 24, 24)
+    resampled = apply_affine(images, affine_matrices(draw, 24))
+    assert torch.allclose(fast, resampled, atol=1e-5)
+
+
+def test_scale_and_rotation_resample() -> None:
+    gens = [torch.Generator().manual_seed(s) for s in range(2)]
+    cfg = JitterConfig(shift_frac=0.0, scale_frac=0.1, rotation_deg=10.0)
+    draw = draw_jitter(gens, copies=1, size_px=32, config=cfg)
+    assert float((draw.scale - 1).abs().max()) <= 0.1
+    assert float(draw.angle_rad.abs().max()) <= math.radians(10.0)
+    images = torch.rand((2, 1, 32, 32), generator=torch.Generator().manual_seed(1))
+    views = apply_jitter(images, draw, cfg)
+    assert views.shape == images.shape
+    assert not torch.allclose(views, images)
 
 
 def test_regularisers() -> None:
