@@ -1,0 +1,1 @@
+"""The job queue (fit, synthesize, evaluate, export) and its REST API."""
