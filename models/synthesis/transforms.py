@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,20 +75,38 @@ def apply_jitter(images: Tensor, draw: JitterDraw, config: JitterConfig) -> Tens
 def shift_views(images: Tensor, shift_px: Tensor) -> Tensor:
     """images (batch, C, H, W), shift_px (copies * batch, 2) -> (copies * batch, C, H, W)."""
     batch, _, height, width = images.shape
-    shifts = shift_px.to(torch.long).tolist()
+    shifts = [(int(dx), int(dy)) for dx, dy in shift_px.to(torch.long).tolist()]
     margin = max([abs(v) for row in shifts for v in row] + [0])
     if margin == 0:
         return images.repeat(len(shifts) // batch, 1, 1, 1) if len(shifts) > batch else images
     if margin > min(height, width):
         raise ValueError(f"shift of {margin} px exceeds the image size {height}x{width}")
     padded = _symmetric_pad(images, margin)  # (batch, C, H + 2m, W + 2m)
-    views = [
-        padded[
-            row % batch, :, margin + dy : margin + dy + height, margin + dx : margin + dx + width
-        ]
-        for row, (dx, dy) in enumerate(shifts)
-    ]
-    return torch.stack(views)
+    windows = [(row % batch, margin + dy, margin + dx) for row, (dx, dy) in enumerate(shifts)]
+    return _Crop.apply(padded, windows, height, width)
+
+
+class _Crop(torch.autograd.Function):
+    """Stack of (height, width) windows of a batch; backward adds each window's gradient in place.
+
+    Autograd's own slicing backward would allocate a full-size zero gradient per window.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, padded: Tensor, windows: list[tuple[int, int, int]], height: int, width: int
+    ) -> Tensor:
+        ctx.windows, ctx.shape, ctx.size = windows, padded.shape, (height, width)
+        return torch.stack([padded[b, :, y : y + height, x : x + width] for b, y, x in windows])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, None, None, None]:
+        grad = grads[0]
+        height, width = ctx.size
+        out = grad.new_zeros(ctx.shape)
+        for row, (b, y, x) in enumerate(ctx.windows):
+            out[b, :, y : y + height, x : x + width] += grad[row]
+        return out, None, None, None
 
 
 def _symmetric_pad(images: Tensor, margin: int) -> Tensor:
