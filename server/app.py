@@ -14,10 +14,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.catalog.router import router as catalog_router
 from server.config import Settings
+from server.dashboard.auth import DashboardSessionMiddleware
+from server.dashboard.router import router as dashboard_router
 from server.db.session import check_schema, engine_for, make_sessionmaker
 from server.errors import PopcontrolError
 from server.health import router as health_router
 from server.jobs.router import router as jobs_router
+from server.loop.router import router as loop_router
 from server.sessions.router import router as sessions_router
 from server.stimuli.blobs import BlobStore
 from server.stimuli.router import router as stimuli_router
@@ -108,4 +111,7 @@ def create_app(settings: Settings, *, ingest: bool | None = None, check_db: bool
     app.include_router(stimuli_router)
     app.include_router(sessions_router)
     app.include_router(jobs_router)
+    app.include_router(loop_router)
+    app.include_router(dashboard_router)
+    app.add_middleware(DashboardSessionMiddleware)
     return app

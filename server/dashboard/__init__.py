@@ -1,0 +1,1 @@
+"""Operator dashboard: sign-in, scheduling, live monitor, models, synthesis gallery, loop, jobs."""
