@@ -20,6 +20,7 @@ from server.db.session import check_schema, engine_for, make_sessionmaker
 from server.errors import PopcontrolError
 from server.health import router as health_router
 from server.jobs.router import router as jobs_router
+from server.loop.router import router as loop_router
 from server.sessions.router import router as sessions_router
 from server.stimuli.blobs import BlobStore
 from server.stimuli.router import router as stimuli_router
@@ -110,6 +111,7 @@ def create_app(settings: Settings, *, ingest: bool | None = None, check_db: bool
     app.include_router(stimuli_router)
     app.include_router(sessions_router)
     app.include_router(jobs_router)
+    app.include_router(loop_router)
     app.include_router(dashboard_router)
     app.add_middleware(DashboardSessionMiddleware)
     return app

@@ -99,6 +99,50 @@ def serve(
     )
 
 
+@app.command("worker")
+def worker(
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N")
+    ] = "auto",
+    kinds: Annotated[
+        str | None, typer.Option(help="comma-separated job kinds to run (default: all)")
+    ] = None,
+    lease_s: Annotated[
+        float | None, typer.Option("--lease-s", help="job lease in seconds (default: settings)")
+    ] = None,
+    poll_s: Annotated[float, typer.Option("--poll-s", help="idle poll interval in seconds")] = 1.0,
+    max_jobs: Annotated[int | None, typer.Option(help="stop after this many jobs")] = None,
+    exit_when_idle: Annotated[
+        bool, typer.Option("--exit-when-idle", help="stop when no job is claimable")
+    ] = False,
+) -> None:
+    """Claim and run jobs (fit, synthesize, evaluate) from the database queue."""
+    from server.config import get_settings
+    from server.errors import PopcontrolError
+    from server.worker import worker_command
+
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        worker_command(
+            settings,
+            device=device,
+            kinds=[k.strip() for k in kinds.split(",") if k.strip()] if kinds else None,
+            lease_s=lease_s,
+            poll_s=poll_s,
+            max_jobs=max_jobs,
+            exit_when_idle=exit_when_idle,
+        )
+    except PopcontrolError as exc:
+        _fail(exc.detail)
+    except ValueError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("worker stopped", err=True)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="popcontrol")
 

@@ -226,7 +226,9 @@ def run_one(
     except Exception as exc:
         detail = f"{exc.__class__.__name__}: {exc}\n{traceback.format_exc(limit=8)}"
         state = fail(factory, job, detail, permanent=False)
-        log.exception("job=%s kind=%s attempt %s failed -> %s", job.id, job.kind, job.attempts, state)
+        log.exception(
+            "job=%s kind=%s attempt %s failed -> %s", job.id, job.kind, job.attempts, state
+        )
     finally:
         heartbeat.stop()
     return job

@@ -34,7 +34,9 @@ from server.db.session import transaction
 from server.errors import Conflict, Invalid, NotFound
 
 JOB_KINDS: tuple[str, ...] = ("fit", "synthesize", "evaluate", "export")
-TERMINAL_STATES = frozenset({JobState.succeeded.value, JobState.failed.value, JobState.cancelled.value})
+TERMINAL_STATES = frozenset(
+    {JobState.succeeded.value, JobState.failed.value, JobState.cancelled.value}
+)
 DEPENDENCY_MARK = "dependency job"  # prefix of the error of a job cancelled with its dependency
 
 Committer = Callable[[Session], dict[str, Any]]
@@ -152,9 +154,7 @@ def _sweep(db: Session, now: datetime) -> None:
         )
     )
     dep = aliased(Job, name="dep")
-    doomed = select(dep.id).where(
-        dep.state.in_([JobState.failed.value, JobState.cancelled.value])
-    )
+    doomed = select(dep.id).where(dep.state.in_([JobState.failed.value, JobState.cancelled.value]))
     db.execute(
         update(Job)
         .where(Job.state == JobState.queued.value, Job.depends_on_id.in_(doomed))
@@ -266,9 +266,7 @@ def _take_ownership(db: Session, job_id: int, owner: str, values: dict[str, Any]
     return taken is not None
 
 
-def complete(
-    factory: sessionmaker[Session], job: ClaimedJob, commit: Committer
-) -> dict[str, Any]:
+def complete(factory: sessionmaker[Session], job: ClaimedJob, commit: Committer) -> dict[str, Any]:
     """Run ``commit(db)`` and mark the job succeeded with its result, in ONE transaction.
 
     Raises LeaseLost (and writes nothing) when the job is no longer this worker's.
@@ -372,7 +370,9 @@ def retry(db: Session, job_id: int) -> Job:
     cancelled because of it."""
     job = get_job(db, job_id)
     if job.state not in (JobState.failed.value, JobState.cancelled.value):
-        raise Conflict(f"job {job_id} is {job.state}; only a failed or cancelled job can be retried")
+        raise Conflict(
+            f"job {job_id} is {job.state}; only a failed or cancelled job can be retried"
+        )
     pending = [job]
     while pending:
         item = pending.pop()

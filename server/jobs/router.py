@@ -43,7 +43,10 @@ def list_jobs(
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> Page[JobOut]:
     filt = queue.JobFilter(
-        kind=kind, state=state.value if state else None, subject_id=subject_id, session_id=session_id
+        kind=kind,
+        state=state.value if state else None,
+        subject_id=subject_id,
+        session_id=session_id,
     )
     rows, total = queue.list_jobs(db, filt, limit, offset)
     return Page[JobOut](

@@ -53,7 +53,9 @@ def stimulus_means(
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
+        out = np.where(
+            denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan
+        )
     return np.asarray(out, dtype=np.float64)
 
 
@@ -77,7 +79,9 @@ class StretchSummary:
     median_ratio: float | None
 
 
-def _presentation_groups(stimulus_index: np.ndarray, stimuli: Sequence[int]) -> dict[int, np.ndarray]:
+def _presentation_groups(
+    stimulus_index: np.ndarray, stimuli: Sequence[int]
+) -> dict[int, np.ndarray]:
     return {int(s): np.flatnonzero(stimulus_index == s) for s in sorted(set(stimuli))}
 
 
@@ -245,11 +249,7 @@ def prediction_agreement(predicted: np.ndarray, measured: np.ndarray) -> Predict
     p, m = predicted[keep], measured[keep]
     if p.size == 0:
         return PredictionAgreement(0, None, None)
-    r = (
-        float(np.corrcoef(p, m)[0, 1])
-        if p.size >= 3 and p.std() > 0 and m.std() > 0
-        else None
-    )
+    r = float(np.corrcoef(p, m)[0, 1]) if p.size >= 3 and p.std() > 0 and m.std() > 0 else None
     total = float(m.sum())
     return PredictionAgreement(int(p.size), r, float(p.sum() / total) if total > 0 else None)
 
@@ -447,7 +447,9 @@ def evaluate_handler(ctx: JobContext) -> Committer:
 
     session_id = ctx.params.get("session_id", ctx.job.session_id)
     if session_id is None:
-        raise JobError("an evaluate job needs a session: set params.session_id or the job's session")
+        raise JobError(
+            "an evaluate job needs a session: set params.session_id or the job's session"
+        )
     params = EvaluateParams.from_dict(ctx.params)
     ctx.progress(0.1, f"evaluating session {session_id}")
     with transaction(ctx.factory) as db:

@@ -158,7 +158,9 @@ def test_permanent_error_fails_at_once(factory: sessionmaker[Session]) -> None:
     job_id = _create(factory, max_attempts=5)
     claimed = queue.claim_next(factory, "w1", ["fit"], 30)
     assert claimed is not None
-    assert queue.fail(factory, claimed, "session 7 has no presentations", permanent=True) == "failed"
+    assert (
+        queue.fail(factory, claimed, "session 7 has no presentations", permanent=True) == "failed"
+    )
     assert _job(factory, job_id).attempts == 1
 
 

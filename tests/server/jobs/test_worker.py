@@ -156,7 +156,14 @@ def test_two_worker_processes_never_run_the_same_job(
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.server.jobs.worker_proc", database_url, str(log), str(go)],
+            [
+                sys.executable,
+                "-m",
+                "tests.server.jobs.worker_proc",
+                database_url,
+                str(log),
+                str(go),
+            ],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
