@@ -660,7 +660,7 @@ def decode(frames: Sequence[bytes]) -> Message:
     if "v" not in header:
         raise DecodeError("missing_field", "header has no protocol version 'v'")
     version = header.pop("v")
-    if isinstance(version, bool) or version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise DecodeError(
             "bad_version", f"protocol version {version!r}, this side speaks {PROTOCOL_VERSION}"
         )
