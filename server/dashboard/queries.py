@@ -407,8 +407,9 @@ def live_snapshot(
     *,
     recent_n: int = RECENT_N,
     ingest_status: Any = None,
+    with_labels: bool = False,
 ) -> dict[str, Any]:
-    """Everything the live monitor shows, JSON-ready."""
+    """Everything the live monitor shows, JSON-ready (site labels only ``with_labels``)."""
     session = db.get(RecordingSession, session_id)
     if session is None:
         return {"error": f"session {session_id} does not exist"}
@@ -477,6 +478,7 @@ def live_snapshot(
             ],
             "mean_counts": [round(float(v), 3) for v in means],
             "max": round(float(means.max()), 3) if means.size else 0.0,
+            "labels": layout.labels if with_labels else None,
         },
         "psth": _psths(db, session_id),
         "ingest": _ingest_view(ingest_status, rig_name),
@@ -690,6 +692,7 @@ def loop_overview(db: Session, subject_id: int | None = None) -> dict[str, Any]:
             per_site[int(item["site_id"])][label] = {
                 "stretch_ratio": finite(item.get("stretch_ratio")),
                 "onehot_improved": item.get("onehot_improved"),
+                "onehot_score": finite(item.get("onehot_synthetic_score")),
             }
     columns = [f"{d['day'].isoformat()} #{d['session_id']}" for d in days]
     labels = site_labels(db, per_site)

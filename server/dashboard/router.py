@@ -395,7 +395,7 @@ def session_action(
 # --- live monitor -------------------------------------------------------------------------------
 
 
-def _snapshot(request: Request, session_id: int) -> dict[str, Any]:
+def _snapshot(request: Request, session_id: int, with_labels: bool = False) -> dict[str, Any]:
     status_fn = getattr(request.app.state, "ingest_status", None)
     status = None
     if callable(status_fn):
@@ -404,7 +404,7 @@ def _snapshot(request: Request, session_id: int) -> dict[str, Any]:
         except Exception:  # the monitor must keep running when ingest status fails
             log.exception("ingest status failed")
     with request.app.state.sessionmaker() as db:
-        return queries.live_snapshot(db, session_id, ingest_status=status)
+        return queries.live_snapshot(db, session_id, ingest_status=status, with_labels=with_labels)
 
 
 @router.get("/sessions/{session_id}/live")
@@ -414,7 +414,7 @@ def live_page(request: Request, session_id: IdPath, db: SessionDep) -> Response:
     if session is None:
         raise Refused(404, f"session {session_id} does not exist")
     db.close()
-    snapshot = _snapshot(request, session_id)
+    snapshot = _snapshot(request, session_id, with_labels=True)
     return render(request, "live.html", {"s": session, "snap": snapshot})
 
 
@@ -578,6 +578,7 @@ def loop_page(
                     "stretch success": [d["stretch_success_fraction"] for d in days],
                     "one-hot improved": [d["onehot_improved_fraction"] for d in days],
                 },
+                y_range=(0.0, 1.0),
             ),
         },
     )

@@ -107,6 +107,7 @@ def lines(
     width: int = 640,
     height: int = 260,
     reference: float | None = None,
+    y_range: tuple[float, float] | None = None,
 ) -> Markup:
     """One line per series over the categorical x axis ``labels`` (e.g. recording days)."""
     values = [v for s in series.values() for v in s if v is not None and math.isfinite(v)]
@@ -116,6 +117,8 @@ def lines(
     lo = min([*values, *([reference] if reference is not None else [])], default=0.0)
     hi = max([*values, *([reference] if reference is not None else [])], default=1.0)
     lo = min(lo, 0.0)
+    if y_range is not None:
+        lo, hi = min(lo, y_range[0]), max(hi, y_range[1])
     span = hi - lo if hi > lo else 1.0
     plot_w, plot_h = width - pad_l - pad_r, height - pad_t - pad_b
     step = plot_w / max(1, len(labels) - 1)

@@ -21,6 +21,7 @@
   }
 
   let heatCells = null;
+  let siteLabels = [];
   function drawHeatmap(heat) {
     const holder = $("heatmap");
     const n = heat.mean_counts.length;
@@ -45,7 +46,7 @@
       const rect = heatCells[i];
       if (!rect) continue;
       rect.setAttribute("fill", colour(heat.mean_counts[i], heat.max));
-      rect.firstChild.textContent = "column " + i + ": " + heat.mean_counts[i];
+      rect.firstChild.textContent = (siteLabels[i] || "site " + (i + 1)) + ": " + heat.mean_counts[i] + " spikes";
     }
     text("heat-window", heat.window);
     text("heat-max", heat.max);
@@ -121,6 +122,7 @@
   }
 
   const initial = JSON.parse($("initial-snapshot").textContent);
+  siteLabels = initial.heatmap.labels || [];
   apply(initial);
   let updates = 0;
   const source = new EventSource(root.dataset.stream);
