@@ -143,6 +143,34 @@ def worker(
         typer.echo("worker stopped", err=True)
 
 
+@app.command("ingest")
+def ingest(
+    bind: Annotated[str | None, typer.Option(help="override POPCONTROL_INGEST_BIND")] = None,
+) -> None:
+    """Run only the rig ingest (ZeroMQ ROUTER, CurveZMQ) until interrupted."""
+    from server.errors import DatabaseNotReady
+    from server.ingest import IngestConfigError, ingest_command
+
+    try:
+        ingest_command(bind)
+    except (IngestConfigError, DatabaseNotReady) as exc:
+        _fail(str(getattr(exc, "detail", exc)))
+
+
+from rig.cli import rig_keygen_command  # noqa: E402  (typer + stdlib only)
+
+app.command("rig-keygen")(rig_keygen_command)
+
+
+def _register_present() -> None:
+    from rig.present.cli import present_command  # typer only; PsychoPy loads when it runs
+
+    app.command("present")(present_command)
+
+
+_register_present()
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="popcontrol")
 
