@@ -65,6 +65,7 @@ class Progress(Protocol):
 class EngineConfig:
     iti_ms: float = 300.0  # blank between trials
     reward_ms: float = 80.0  # TTL pulse after each completed trial
+    onset_lag_ms: float = 50.0  # the daemon's photodiode_max_lag_ms (see BlockPlan.valid_after_s)
     stall_after_s: float = 2.0  # unacked flips or failing progress older than this pause the block
     max_stall_s: float | None = None  # give up (raise) after this long paused; None waits forever
     drain_timeout_s: float = 30.0  # at block end, wait this long for the last acks
@@ -146,7 +147,7 @@ class BlockRunner:
         self._n = _Counters()
         self._last_flip_s: float | None = None
         self._stop_requested = False
-        self._valid_after_s = plan.valid_after_s(screen.refresh_hz) - 1e-9
+        self._valid_after_s = plan.valid_after_s(screen.refresh_hz, config.onset_lag_ms) - 1e-9
 
     # -- frames ------------------------------------------------------------------------
 

@@ -108,13 +108,17 @@ class BlockPlan:
             raise ValueError(f"images_per_trial must be ≥ 1, got {plan.images_per_trial}")
         return plan
 
-    def valid_after_s(self, refresh_hz: float) -> float:
-        """Time after onset that fixation must hold for a presentation to count as valid.
+    def valid_after_s(self, refresh_hz: float, onset_lag_ms: float = 50.0) -> float:
+        """Time after a flip that fixation must hold for the presentation to count as valid.
 
-        The image's on and off period, and its spike-count window, must both be over.
+        Both the image's on and off period and its spike-count window must be over; the window
+        is measured from the photodiode onset, which the rig daemon accepts up to
+        ``onset_lag_ms`` after the flip (its ``photodiode_max_lag_ms``), so the presenter and
+        the daemon agree on which images a fixation break spoils.
         """
         t = self.timing(refresh_hz)
-        return max(t.image_cycle_frames * t.frame_s, self.response_window_end_ms / 1000.0)
+        window_s = (self.response_window_end_ms + onset_lag_ms) / 1000.0
+        return max(t.image_cycle_frames * t.frame_s, window_s)
 
     def timing(self, refresh_hz: float) -> RSVPTiming:
         return RSVPTiming(

@@ -97,7 +97,7 @@ def schedule_block(
         "fixation_ms": 50,
         "images_per_trial": 8,
         "response_window_start_ms": 20,
-        "response_window_end_ms": 80,
+        "response_window_end_ms": 60,
     }
     params.update(protocol_params or {})
     r = client.post(

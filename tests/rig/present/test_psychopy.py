@@ -30,7 +30,7 @@ from tests.rig.present.conftest import (
     wait_until,
 )
 
-VALID_AFTER_S = 0.1  # 50 ms on + 50 ms off at 60 Hz; count window ends at 80 ms
+VALID_AFTER_S = 0.11  # count window end 60 ms + 50 ms photodiode lag > 50 ms on + 50 ms off
 
 
 @pytest.fixture

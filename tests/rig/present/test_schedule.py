@@ -48,8 +48,9 @@ def test_durations_round_to_whole_frames() -> None:
 
 
 def test_valid_after_covers_display_and_count_window() -> None:
-    assert _plan(IDS).valid_after_s(60) == pytest.approx(0.2)
-    assert _plan(IDS, on_ms=50, off_ms=50).valid_after_s(60) == pytest.approx(0.17)
+    assert _plan(IDS).valid_after_s(60) == pytest.approx(0.22)  # 170 ms window + 50 ms lag
+    assert _plan(IDS).valid_after_s(60, onset_lag_ms=0) == pytest.approx(0.2)  # on + off
+    assert _plan(IDS, on_ms=50, off_ms=50).valid_after_s(60, 0) == pytest.approx(0.17)
 
 
 def test_event_words_are_unique_nonzero_16_bit() -> None:
