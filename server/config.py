@@ -36,6 +36,10 @@ class Settings(BaseSettings):
         default=None, description="Server CURVE public key (Z85); see `popcontrol rig-keygen`."
     )
     curve_secret_key: str | None = Field(default=None, description="Server CURVE secret key (Z85).")
+    ingest_insecure: bool = Field(
+        default=False,
+        description="Run the rig ingest without CurveZMQ (loopback development only).",
+    )
     session_secret: str | None = Field(
         default=None, description="Signs dashboard cookies; random per process when unset."
     )
