@@ -6,6 +6,11 @@ of the network between them loses nothing and a re-send is harmless (the server 
 presentation id). Records the server rejects move to a ``rejected`` table with the reason, so a
 rejected record is never silently thrown away either.
 
+The ``inbox`` table holds the presenter's messages (flips, fixation breaks) that were
+acknowledged to the presenter but whose presentations are not finalised yet: a daemon restarted
+after a crash reloads them, so an acknowledged flip is never forgotten. A flip leaves the inbox in
+the same transaction that puts its record in the outbox.
+
 Each record is stored as its encoded ZeroMQ frames (``list[bytes]``), exactly as they go on the
 wire, plus the wall-clock time it was finalised (for latency figures).
 """
@@ -26,6 +31,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     presentation_id TEXT NOT NULL UNIQUE,
     frames BLOB NOT NULL,
     finalised_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS inbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ack_key TEXT NOT NULL UNIQUE,
+    frames BLOB NOT NULL,
+    received_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS rejected (
     presentation_id TEXT PRIMARY KEY,
@@ -109,26 +120,73 @@ class Spool:
         """Store one record; True if it is new, False if that presentation is already spooled."""
         return self.put_many([(presentation_id, frames)]) == 1
 
-    def put_many(self, items: Iterable[tuple[str, Sequence[bytes]]]) -> int:
-        """Store records in one transaction (idempotent by presentation id); returns how many new."""
+    def put_many(
+        self, items: Iterable[tuple[str, Sequence[bytes]]], *, forget_inbox: Iterable[str] = ()
+    ) -> int:
+        """Store records in one transaction (idempotent by presentation id); returns how many new.
+
+        ``forget_inbox``: inbox keys (flips now finalised) deleted in the same transaction.
+        """
         now = time.time()
         rows = [(pid, pack_frames(frames), now) for pid, frames in items]
-        if not rows:
+        forget = [(key,) for key in forget_inbox]
+        if not rows and not forget:
             return 0
         with self._lock:
-            before = self._db.total_changes
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                before = self._db.total_changes
                 self._db.executemany(
                     "INSERT OR IGNORE INTO outbox (presentation_id, frames, finalised_at) "
                     "VALUES (?, ?, ?)",
                     rows,
                 )
+                added = self._db.total_changes - before
+                self._db.executemany("DELETE FROM inbox WHERE ack_key = ?", forget)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            return self._db.total_changes - before
+            return added
+
+    def put_inbox(self, ack_key: str, frames: Sequence[bytes]) -> bool:
+        """Keep a presenter message until its presentation is finalised; False if already kept."""
+        return self.put_inbox_many([(ack_key, frames)])[0]
+
+    def put_inbox_many(self, items: Sequence[tuple[str, Sequence[bytes]]]) -> list[bool]:
+        """Keep presenter messages in one transaction; per item, False if it was already kept."""
+        now = time.time()
+        out: list[bool] = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for key, frames in items:
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO inbox (ack_key, frames, received_at) "
+                        "VALUES (?, ?, ?)",
+                        (key, pack_frames(frames), now),
+                    )
+                    out.append(cur.rowcount == 1)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return out
+
+    def inbox(self) -> list[tuple[str, list[bytes]]]:
+        """Every kept presenter message, in arrival order: (ack key, frames)."""
+        with self._lock:
+            rows = self._db.execute("SELECT ack_key, frames FROM inbox ORDER BY seq").fetchall()
+        return [(key, unpack_frames(blob)) for key, blob in rows]
+
+    def forget_inbox_before(self, received_before: float, key_prefix: str) -> int:
+        """Drop kept messages whose key starts with ``key_prefix`` received before a time."""
+        with self._lock:
+            cur = self._db.execute(
+                "DELETE FROM inbox WHERE received_at < ? AND substr(ack_key, 1, ?) = ?",
+                (received_before, len(key_prefix), key_prefix),
+            )
+            return cur.rowcount
 
     def pending(self, limit: int = 1000, *, after_seq: int = 0) -> list[SpoolItem]:
         """Up to ``limit`` unacknowledged records with seq > ``after_seq``, oldest first."""
