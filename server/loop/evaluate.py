@@ -364,9 +364,10 @@ def evaluate_session(db: Session, session_id: int, params: EvaluateParams) -> di
             normalized_model = (model.params or {}).get("normalization", "normalizer") != "none"
     pred_rows, meas_rows = [], []
     target_of: dict[int, int] = {}
-    for col, images in {**stretch, **onehot}.items():
-        for i in images:
-            target_of[i] = col
+    for by_target in (stretch, onehot):
+        for col, images in by_target.items():
+            for i in images:
+                target_of[i] = col
     for i, pred in predicted_target.items():
         col = target_of[i]
         if normalized_model:

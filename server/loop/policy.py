@@ -352,8 +352,11 @@ def schedule_next_session(
                 f"subject {subject.id} has no natural images with recorded responses to use as "
                 "references; set the loop's reference_set_id"
             )
+        prefix = f"reference-subject{subject.id}-set{synthetic_set_id}"
+        taken = set(db.scalars(select(StimulusSet.name).where(StimulusSet.name.startswith(prefix))))
+        name = prefix if prefix not in taken else f"{prefix}-{len(taken) + 1}"
         reference = StimulusSet(
-            name=f"reference-subject{subject.id}-set{synthetic_set_id}",
+            name=name,
             kind=StimulusKind.natural.value,
             description=f"natural references for synthetic set {synthetic_set_id} "
             f"(targets {list(targets)})",

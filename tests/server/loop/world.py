@@ -155,7 +155,7 @@ def record(
                     counts = rng.poisson(rates).astype("<u2")
                     db.add(
                         Presentation(
-                            id=str(uuid.UUID(int=rng.integers(1 << 62) << 64 | n)),
+                            id=str(uuid.uuid4()),
                             session_id=session.id,
                             block_id=block.id,
                             stimulus_id=member.stimulus_id,
