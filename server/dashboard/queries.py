@@ -43,8 +43,8 @@ from server.db.models import (
     Subject,
 )
 
-RECENT_N = 500  # presentations in the live monitor's heatmap window
-PSTH_N = 200  # most recent presentations with a raster that the PSTHs use
+RECENT_N = 500  # most recent presentations the heatmap and PSTHs use (their valid ones)
+PSTH_N = 200  # at most this many rasters of the recent window are read
 PSTH_IMAGES = 6  # recent images shown with their own PSTH
 
 
@@ -167,12 +167,20 @@ def rigs_overview(db: Session) -> list[dict[str, Any]]:
             RecordingSession.state == SessionState.running.value
         ),
     )
-    last_seen = _pairs(
-        db,
-        select(Presentation.rig_id, func.max(Presentation.received_at)).group_by(
-            Presentation.rig_id
-        ),
-    )
+    # last presentation per rig, from the rig's most recently started session only (the
+    # presentation table grows without bound; this reads one session's rows per rig)
+    last_seen: dict[int, datetime | None] = {}
+    for rig_id in _pairs(db, select(Rig.id, Rig.name)):
+        latest = db.scalar(
+            select(RecordingSession.id)
+            .where(RecordingSession.rig_id == rig_id, RecordingSession.started_at.is_not(None))
+            .order_by(RecordingSession.started_at.desc())
+            .limit(1)
+        )
+        if latest is not None:
+            last_seen[rig_id] = db.scalar(
+                select(func.max(Presentation.received_at)).where(Presentation.session_id == latest)
+            )
     tokens = _pairs(
         db,
         select(ApiToken.rig_id, func.count())
@@ -208,18 +216,17 @@ def session_rows(db: Session, limit: int = 100) -> list[dict[str, Any]]:
         )
     )
     ids = [s.id for s in sessions]
-    counts: dict[int, tuple[int, int]] = {}
-    if ids:
-        for sid, total, valid in db.execute(
-            select(
-                Presentation.session_id,
-                func.count(),
-                func.sum(case((Presentation.valid.is_(True), 1), else_=0)),
-            )
+    # presentations per listed session: answered from the (session_id, block_id) index alone
+    counts: dict[int, int] = (
+        _pairs(
+            db,
+            select(Presentation.session_id, func.count())
             .where(Presentation.session_id.in_(ids))
-            .group_by(Presentation.session_id)
-        ):
-            counts[int(sid)] = (int(total), int(valid or 0))
+            .group_by(Presentation.session_id),
+        )
+        if ids
+        else {}
+    )
     blocks: dict[int, int] = (
         _pairs(
             db,
@@ -236,8 +243,7 @@ def session_rows(db: Session, limit: int = 100) -> list[dict[str, Any]]:
             "session": s,
             "subject_name": subjects.get(s.subject_id, "?"),
             "rig_name": rigs.get(s.rig_id, "?"),
-            "presentations": counts.get(s.id, (0, 0))[0],
-            "valid": counts.get(s.id, (0, 0))[1],
+            "presentations": int(counts.get(s.id, 0)),
             "blocks": blocks.get(s.id, 0),
         }
         for s in sessions
@@ -277,7 +283,9 @@ def month_calendar(db: Session, year: int, month: int) -> list[list[CalendarDay]
     ]
 
 
-def block_rows(db: Session, session: RecordingSession) -> list[dict[str, Any]]:
+def block_rows(
+    db: Session, session: RecordingSession, valid_by_block: Mapping[int, int] | None = None
+) -> list[dict[str, Any]]:
     """Per block: set name, images, repetitions, valid presentations so far and the target."""
     set_ids = {b.stimulus_set_id for b in session.blocks}
     members = (
@@ -295,12 +303,14 @@ def block_rows(db: Session, session: RecordingSession) -> list[dict[str, Any]]:
         if set_ids
         else {}
     )
-    valid = _pairs(
-        db,
-        select(Presentation.block_id, func.count())
-        .where(Presentation.session_id == session.id, Presentation.valid.is_(True))
-        .group_by(Presentation.block_id),
-    )
+    valid = valid_by_block
+    if valid is None:
+        valid = _pairs(
+            db,
+            select(Presentation.block_id, func.count())
+            .where(Presentation.session_id == session.id, Presentation.valid.is_(True))
+            .group_by(Presentation.block_id),
+        )
     rows = []
     for b in session.blocks:
         target = int(members.get(b.stimulus_set_id, 0)) * b.repetitions
@@ -339,17 +349,22 @@ def _psth_from(raster: bytes, meta: Mapping[str, Any]) -> tuple[float, float, np
     return start_ms, bin_ms, values.reshape(-1, n_bins).astype(np.float64).mean(axis=0)
 
 
-def _psths(db: Session, session_id: int) -> list[dict[str, Any]]:
-    rows = db.execute(
-        select(Presentation.stimulus_id, Presentation.raster, Presentation.raster_meta)
-        .where(
-            Presentation.session_id == session_id,
-            Presentation.valid.is_(True),
-            Presentation.raster.is_not(None),
+def _psths(db: Session, presentation_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean PSTH of each of the most recent images among ``presentation_ids`` (newest first)."""
+    if not presentation_ids:
+        return []
+    fetched = {
+        row[0]: row[1:]
+        for row in db.execute(
+            select(
+                Presentation.id,
+                Presentation.stimulus_id,
+                Presentation.raster,
+                Presentation.raster_meta,
+            ).where(Presentation.id.in_(list(presentation_ids)))
         )
-        .order_by(Presentation.received_at.desc(), Presentation.id.desc())
-        .limit(PSTH_N)
-    ).all()
+    }
+    rows = [fetched[pid] for pid in presentation_ids if pid in fetched]
     by_image: dict[str, list[np.ndarray]] = {}
     axis: dict[str, tuple[float, float]] = {}
     order: list[str] = []
@@ -414,17 +429,37 @@ def live_snapshot(
     if session is None:
         return {"error": f"session {session_id} does not exist"}
     where = Presentation.session_id == session_id
-    total, valid, fix_ok, dropped, with_drops, last_at = db.execute(
+    # one scan of the session's rows for every count (no filter on ``valid``: SQLite would pick
+    # the index on ``valid`` over the session's and scan every session's presentations)
+    total = valid = fix_ok = dropped = with_drops = 0
+    last_at: datetime | None = None
+    invalid: dict[str, int] = defaultdict(int)
+    valid_by_block: dict[int, int] = defaultdict(int)
+    for block_id, is_valid, reason, n, n_fix, n_dropped, n_with_drops, last in db.execute(
         select(
+            Presentation.block_id,
+            Presentation.valid,
+            Presentation.invalid_reason,
             func.count(),
-            func.sum(case((Presentation.valid.is_(True), 1), else_=0)),
             func.sum(case((Presentation.fixation_ok.is_(True), 1), else_=0)),
             func.sum(Presentation.dropped_frames),
             func.sum(case((Presentation.dropped_frames > 0, 1), else_=0)),
             func.max(Presentation.received_at),
-        ).where(where)
-    ).one()
-    total = int(total or 0)
+        )
+        .where(where)
+        .group_by(Presentation.block_id, Presentation.valid, Presentation.invalid_reason)
+    ):
+        total += int(n)
+        fix_ok += int(n_fix or 0)
+        dropped += int(n_dropped or 0)
+        with_drops += int(n_with_drops or 0)
+        if last is not None and (last_at is None or last > last_at):
+            last_at = last
+        if is_valid:
+            valid += int(n)
+            valid_by_block[int(block_id)] += int(n)
+        else:
+            invalid[reason or "unspecified"] += int(n)
     trials = db.scalar(
         select(func.count()).select_from(
             select(Presentation.block_id, Presentation.trial_index)
@@ -433,25 +468,22 @@ def live_snapshot(
             .subquery()
         )
     )
-    invalid = {
-        (reason or "unspecified"): int(n)
-        for reason, n in db.execute(
-            select(Presentation.invalid_reason, func.count())
-            .where(where, Presentation.valid.is_(False))
-            .group_by(Presentation.invalid_reason)
-            .order_by(func.count().desc())
-        )
-    }
+    # the recent window: ids in arrival order first, then the vectors of the valid ones by id
+    window = db.execute(
+        select(Presentation.id, Presentation.valid, Presentation.raster.is_not(None))
+        .where(where)
+        .order_by(Presentation.received_at.desc(), Presentation.id.desc())
+        .limit(recent_n)
+    ).all()
+    valid_ids = [pid for pid, ok, _ in window if ok]
+    raster_ids = [pid for pid, ok, has_raster in window if ok and has_raster][:PSTH_N]
     layout = site_layout(db, session.subject_id)
-    blobs = list(
-        db.scalars(
-            select(Presentation.spike_counts)
-            .where(where, Presentation.valid.is_(True))
-            .order_by(Presentation.received_at.desc(), Presentation.id.desc())
-            .limit(recent_n)
-        )
+    blobs = (
+        list(db.scalars(select(Presentation.spike_counts).where(Presentation.id.in_(valid_ids))))
+        if valid_ids
+        else []
     )
-    counts = decode_counts(blobs, len(layout.site_ids))  # (recent, sites)
+    counts = decode_counts(blobs, len(layout.site_ids))  # (recent valid, sites)
     means = counts.mean(axis=0) if len(blobs) else np.zeros(len(layout.site_ids))
     rig = db.get(Rig, session.rig_id)
     rig_name = rig.name if rig else ""
@@ -459,17 +491,17 @@ def live_snapshot(
         "session_id": session.id,
         "state": session.state,
         "presentations": total,
-        "valid": int(valid or 0),
-        "invalid": total - int(valid or 0),
-        "invalid_by_reason": invalid,
+        "valid": valid,
+        "invalid": total - valid,
+        "invalid_by_reason": dict(sorted(invalid.items(), key=lambda kv: -kv[1])),
         "trials": int(trials or 0),
-        "fixation_rate": (int(fix_ok or 0) / total) if total else None,
-        "dropped_frames": int(dropped or 0),
-        "presentations_with_drops": int(with_drops or 0),
+        "fixation_rate": (fix_ok / total) if total else None,
+        "dropped_frames": dropped,
+        "presentations_with_drops": with_drops,
         "last_received_at": last_at.isoformat(timespec="seconds") if last_at else None,
         "blocks": [
             {k: r[k] for k in ("index", "set_name", "state", "valid", "target")}
-            for r in block_rows(db, session)
+            for r in block_rows(db, session, valid_by_block)
         ],
         "heatmap": {
             "window": len(blobs),
@@ -480,7 +512,7 @@ def live_snapshot(
             "max": round(float(means.max()), 3) if means.size else 0.0,
             "labels": layout.labels if with_labels else None,
         },
-        "psth": _psths(db, session_id),
+        "psth": _psths(db, raster_ids),
         "ingest": _ingest_view(ingest_status, rig_name),
     }
 

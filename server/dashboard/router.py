@@ -11,7 +11,10 @@ import asyncio
 import json
 import logging
 import re
+import threading
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,6 +61,7 @@ HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
 STATIC_NAME = re.compile(r"^[a-z0-9_-]+\.(css|js)$")
 LIVE_INTERVAL_S = 1.0
+LIVE_CACHE_S = 0.8
 MAX_BLOCK_ROWS = 20
 
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -395,7 +399,29 @@ def session_action(
 # --- live monitor -------------------------------------------------------------------------------
 
 
+@dataclass
+class LiveCache:
+    """Snapshots shared by every viewer of a session for ``LIVE_CACHE_S`` (one query per tick)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    entries: dict[int, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+
+
+def _live_cache(app: Any) -> LiveCache:
+    cache = getattr(app.state, "dashboard_live_cache", None)
+    if not isinstance(cache, LiveCache):
+        cache = LiveCache()
+        app.state.dashboard_live_cache = cache
+    return cache
+
+
 def _snapshot(request: Request, session_id: int, with_labels: bool = False) -> dict[str, Any]:
+    cache = _live_cache(request.app)
+    if not with_labels:
+        with cache.lock:
+            hit = cache.entries.get(session_id)
+        if hit is not None and time.monotonic() - hit[0] < LIVE_CACHE_S:
+            return hit[1]
     status_fn = getattr(request.app.state, "ingest_status", None)
     status = None
     if callable(status_fn):
@@ -404,7 +430,13 @@ def _snapshot(request: Request, session_id: int, with_labels: bool = False) -> d
         except Exception:  # the monitor must keep running when ingest status fails
             log.exception("ingest status failed")
     with request.app.state.sessionmaker() as db:
-        return queries.live_snapshot(db, session_id, ingest_status=status, with_labels=with_labels)
+        snapshot = queries.live_snapshot(
+            db, session_id, ingest_status=status, with_labels=with_labels
+        )
+    if not with_labels:
+        with cache.lock:
+            cache.entries[session_id] = (time.monotonic(), snapshot)
+    return snapshot
 
 
 @router.get("/sessions/{session_id}/live")

@@ -24,24 +24,27 @@ def db(settings: Settings, lab: Lab) -> Iterator[Session]:
     engine.dispose()
 
 
-def _valid_rows(db: Session, session_id: int) -> list[Presentation]:
+def _recent_rows(db: Session, session_id: int) -> list[Presentation]:
+    """All the session's presentations, newest first."""
     return list(
         db.scalars(
             select(Presentation)
-            .where(Presentation.session_id == session_id, Presentation.valid.is_(True))
+            .where(Presentation.session_id == session_id)
             .order_by(Presentation.received_at.desc(), Presentation.id.desc())
         )
     )
 
 
 def test_heatmap_uses_only_the_recent_window(db: Session, lab: Lab) -> None:
-    rows = _valid_rows(db, lab.session_id)
-    snap = queries.live_snapshot(db, lab.session_id, recent_n=10)
-    expected = np.stack([np.frombuffer(r.spike_counts, "<u2") for r in rows[:10]]).mean(axis=0)
-    assert snap["heatmap"]["window"] == 10
+    rows = _recent_rows(db, lab.session_id)
+    snap = queries.live_snapshot(db, lab.session_id, recent_n=20)
+    window = [r for r in rows[:20] if r.valid]
+    assert 0 < len(window) < 20, "the seeded rows mix valid and invalid presentations"
+    expected = np.stack([np.frombuffer(r.spike_counts, "<u2") for r in window]).mean(axis=0)
+    assert snap["heatmap"]["window"] == len(window)
     np.testing.assert_allclose(snap["heatmap"]["mean_counts"], expected, atol=1e-3)
-    full = np.stack([np.frombuffer(r.spike_counts, "<u2") for r in rows]).mean(axis=0)
-    assert not np.allclose(expected, full, atol=1e-3), "the window must differ from all rows here"
+    every_valid = [np.frombuffer(r.spike_counts, "<u2") for r in rows if r.valid]
+    assert not np.allclose(expected, np.mean(every_valid, axis=0), atol=1e-3)
     assert [a["n_sites"] for a in snap["heatmap"]["arrays"]] == [len(lab.site_ids)]
 
 
@@ -51,9 +54,9 @@ def test_psth_is_the_mean_rate_of_each_recent_image(db: Session, lab: Lab) -> No
     item = snap["psth"][0]
     rasters = [
         np.frombuffer(r.raster, "<u2").reshape(-1, RASTER_META["n_bins"]).mean(axis=0)
-        for r in _valid_rows(db, lab.session_id)
-        if r.raster is not None and r.stimulus_id == item["stimulus_id"]
-    ][: queries.PSTH_N]
+        for r in _recent_rows(db, lab.session_id)[: queries.RECENT_N]
+        if r.valid and r.raster is not None and r.stimulus_id == item["stimulus_id"]
+    ]
     expected_hz = np.mean(rasters, axis=0) / (RASTER_META["bin_ms"] / 1000)
     assert item["n"] == len(rasters)
     np.testing.assert_allclose(item["rate_hz"], expected_hz, atol=0.01)
