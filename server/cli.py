@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from server.config import Settings
 
 app = typer.Typer(
     help="popcontrol: closed-loop neural population control.",
@@ -66,6 +69,28 @@ def token_create(
     typer.echo(f"created {role} token (store it now, it is not shown again): {token}")
 
 
+def _with_server_keys(settings: Settings) -> Settings:
+    """Settings with the server's CURVE key pair, made once under DATA_DIR/keys when unset."""
+    import zmq.auth
+
+    keys_dir = settings.data_dir / "keys"
+    secret_file = keys_dir / "server.key_secret"
+    if not secret_file.is_file():
+        keys_dir.mkdir(parents=True, exist_ok=True)
+        zmq.auth.create_certificates(keys_dir, "server")
+        secret_file.chmod(0o600)
+    public, secret = zmq.auth.load_certificate(secret_file)
+    assert secret is not None, f"{secret_file} holds no secret key"
+    typer.echo(
+        f"rig ingest: CurveZMQ server key from {secret_file}; rigs connect with the server "
+        f"public key {public.decode()}",
+        err=True,
+    )
+    return settings.model_copy(
+        update={"curve_public_key": public.decode(), "curve_secret_key": secret.decode()}
+    )
+
+
 @app.command("serve")
 def serve(
     host: Annotated[str | None, typer.Option(help="address to listen on")] = None,
@@ -93,7 +118,11 @@ def serve(
         _fail(exc.detail)
     finally:
         engine.dispose()
-    application = create_app(settings, ingest=not no_ingest and settings.ingest_enabled)
+    run_ingest = not no_ingest and settings.ingest_enabled
+    no_keys = not (settings.curve_public_key or settings.curve_secret_key)
+    if run_ingest and no_keys and not settings.ingest_insecure:
+        settings = _with_server_keys(settings)
+    application = create_app(settings, ingest=run_ingest)
     uvicorn.run(
         application, host=host or settings.host, port=port or settings.port, log_level="info"
     )
@@ -155,6 +184,25 @@ def ingest(
         ingest_command(bind)
     except (IngestConfigError, DatabaseNotReady) as exc:
         _fail(str(getattr(exc, "detail", exc)))
+
+
+@app.command("demo")
+def demo(
+    days: Annotated[int, typer.Option(help="simulated recording days")] = 3,
+    fast: Annotated[bool, typer.Option("--fast", help="a small experiment (minutes)")] = False,
+    out: Annotated[Path, typer.Option("--out", help="folder for report.html, summary.json")] = Path(
+        "demo-out"
+    ),
+    seed: Annotated[int, typer.Option(help="seed of the simulated experiment")] = 0,
+) -> None:
+    """Run the closed loop for N simulated days end to end; print a table, write a report."""
+    from server.demo import run_demo
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    try:
+        run_demo(days, fast, out, seed)
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 from rig.cli import rig_keygen_command  # noqa: E402  (typer + stdlib only)

@@ -104,3 +104,36 @@ def test_serve_answers_health_and_docs(tmp_path: Path, database_url: str) -> Non
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_serve_makes_and_keeps_the_ingest_key_pair(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    env["POPCONTROL_INGEST_BIND"] = f"tcp://127.0.0.1:{_free_port()}"
+    assert popcontrol("db", "upgrade", env=env).returncode == 0
+    port = _free_port()
+    keys = []
+    for _ in range(2):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            body = None
+            while time.monotonic() < deadline and body is None:
+                try:
+                    body = httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=2).json()
+                except httpx.TransportError:
+                    assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                    time.sleep(0.1)
+            assert body is not None, "server did not answer in 30 s"
+            assert body["ingest"]["running"] is True and body["ingest"]["curve"] is True
+        finally:
+            proc.terminate()
+            out, _ = proc.communicate(timeout=10)
+        keys.append(next(line for line in out.splitlines() if "public key" in line).split()[-1])
+    assert (tmp_path / "data" / "keys" / "server.key_secret").is_file()
+    assert keys[0] == keys[1] and len(keys[0]) == 40
