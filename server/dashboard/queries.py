@@ -4,9 +4,9 @@ Spike vectors are decoded in bulk: the rows' packed ``<u2`` vectors are joined a
 one (presentations, sites) array, and only over a bounded recent window (``recent_n``), so the
 live monitor costs the same after 100 presentations and after 100,000.
 
-Rasters (``presentation.raster``): a packed array of counts, ``raster_meta`` =
-``{"start_ms": -100, "bin_ms": 10, "n_bins": 40, "dtype": "<u2"}`` (dtype optional, default
-``<u2``); the bytes are read as (rows, n_bins), rows being sites (or 1 for a population raster).
+Rasters (``presentation.raster``): a packed array of counts, ``raster_meta`` as the ingest stores
+it, ``{"bins": 40, "bin_ms": 10, "start_ms": -100, "dtype": "<u2", "n_sites": 288}`` (``n_bins``
+is read too; dtype defaults to ``<u2``); the bytes are read as (rows, bins), rows being sites.
 A raster that does not fit its meta is skipped, not guessed at.
 """
 

@@ -113,7 +113,7 @@
       ingest.innerHTML = "";
       keys.forEach(function (k) {
         const dt = document.createElement("dt"); dt.textContent = k;
-        const dd = document.createElement("dd"); dd.textContent = String(snap.ingest[k]);
+        const dd = document.createElement("dd"); dd.textContent = snap.ingest[k] === null ? "–" : String(snap.ingest[k]);
         ingest.appendChild(dt); ingest.appendChild(dd);
       });
     }

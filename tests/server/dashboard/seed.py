@@ -39,7 +39,12 @@ from server.stimuli.schemas import StimulusSetCreate
 from server.stimuli.service import create_set, store_stimulus
 
 INVALID_REASONS = ("fixation_break", "stream_gap")
-RASTER_META = {"start_ms": -100.0, "bin_ms": 10.0, "n_bins": 40, "dtype": "<u2"}
+RASTER_META = {
+    "start_ms": -100.0,
+    "bin_ms": 10.0,
+    "bins": 40,
+    "dtype": "<u2",
+}  # as the ingest stores it
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,7 @@ def presentation_rows(
         reason = INVALID_REASONS[i % 2] if invalid[i] else None
         raster = None
         if with_raster[i]:
-            psth = rng.poisson(0.2, (n_sites, RASTER_META["n_bins"])).astype("<u2")
+            psth = rng.poisson(0.2, (n_sites, RASTER_META["bins"])).astype("<u2")
             psth[:, 17:27] += rng.poisson(1.0, (n_sites, 10)).astype("<u2")
             raster = psth.tobytes()
         trial = first_trial + i // images_per_trial

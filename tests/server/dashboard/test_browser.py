@@ -2,8 +2,9 @@
 
 One server and one browser for the module (a SQLite database seeded with a lab: 3 arrays × 96
 sites, a model, synthetic images, evaluations, jobs); each test opens its own browser context.
-Presentations for the live monitor are written to the database by a background thread while the
-page is open (the rows the ingest would store). Screenshots go to ``test-output/dashboard/``.
+Presentations for the live monitor travel the real ingest path while the page is open: records
+in a rig spool, sent by the rig's delivery client over ZeroMQ (loopback, no CurveZMQ) to the
+server's ingest, which stores them. Screenshots go to ``test-output/dashboard/``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -20,8 +22,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zmq
 from sqlalchemy import func, select
 
+from rig import protocol
+from rig.delivery import Delivery, DeliveryConfig
+from rig.spool import Spool
 from server.app import create_app
 from server.auth.tokens import create_token
 from server.config import Settings
@@ -31,7 +37,7 @@ from server.sessions import service as sessions
 from server.sessions.schemas import BlockCreate, SessionCreate
 from server.stimuli.blobs import BlobStore
 from tests.conftest import require_component
-from tests.server.dashboard.seed import Lab, insert_presentations, presentation_rows, seed_lab
+from tests.server.dashboard.seed import Lab, seed_lab
 
 CHROMIUM = Path(os.environ.get("POPCONTROL_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -59,6 +65,8 @@ class LiveServer:
     lab: Lab
     tokens: dict[str, str]
     live_session_id: int  # running on rig-b, for the live monitor
+    live_block_id: int
+    ingest_endpoint: str
 
 
 def _free_port() -> int:
@@ -80,8 +88,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     root = tmp_path_factory.mktemp("dashboard-browser")
     url = f"sqlite:///{root / 'popcontrol.db'}"
     upgrade(url)
+    ingest_port = _free_port()
     settings = Settings(
-        data_dir=root / "data", database_url=url, ingest_enabled=False, _env_file=None
+        data_dir=root / "data",
+        database_url=url,
+        ingest_enabled=True,
+        ingest_insecure=True,  # loopback only
+        ingest_bind=f"tcp://127.0.0.1:{ingest_port}",
+        _env_file=None,
     )
     engine = engine_for(settings)
     with transaction(make_sessionmaker(engine)) as db:
@@ -112,11 +126,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
             ),
         )
         sessions.transition(db, live, "start")
-        live_id = live.id
+        live_id, live_block_id = live.id, live.blocks[0].id
     engine.dispose()
 
     port = _free_port()
-    app = create_app(settings, ingest=False)
+    app = create_app(settings, ingest=True)
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
     )
@@ -129,7 +143,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         assert time.monotonic() < deadline, "uvicorn did not start within 20 s"
         time.sleep(0.05)
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", settings, lab, tokens, live_id)
+        yield LiveServer(
+            f"http://127.0.0.1:{port}",
+            settings,
+            lab,
+            tokens,
+            live_id,
+            live_block_id,
+            f"tcp://127.0.0.1:{ingest_port}",
+        )
     finally:
         uv.should_exit = True
         thread.join(timeout=10)
@@ -209,38 +231,71 @@ def test_operator_signs_in_schedules_and_starts_a_session(
     page.context.close()
 
 
-def _feed(server: LiveServer, n_batches: int, batch: int, errors: list[BaseException]) -> None:
-    """Write presentations as a rig would deliver them: a trial's worth every 0.25 s."""
+def _deliver(
+    server: LiveServer, spool_path: Path, n_batches: int, batch: int, errors: list[BaseException]
+) -> None:
+    """The rig's side of the ingest: records go into a real spool, and the real delivery client
+    sends them over ZeroMQ to the server's ingest, a trial's worth every 0.25 s."""
+    ctx: Any = zmq.Context()
+    spool = Spool(spool_path)
+    delivery = Delivery(
+        ctx, spool, DeliveryConfig(server=server.ingest_endpoint, resend_after_s=1.0)
+    )
     try:
-        engine = engine_for(server.settings)
-        factory = make_sessionmaker(engine)
         rng = np.random.default_rng(7)
-        with transaction(factory) as db:
-            block_id = db.get(RecordingSession, server.live_session_id).blocks[0].id  # type: ignore[union-attr]
-        for k in range(n_batches):
-            rows = presentation_rows(
-                rng,
-                session_id=server.live_session_id,
-                block_id=block_id,
-                rig_id=server.lab.rig_id,
-                stimulus_ids=server.lab.natural_ids,
-                n=batch,
-                n_sites=len(server.lab.site_ids),
-                first_trial=k,
-                images_per_trial=batch,
-                invalid_fraction=0.25,
-                raster_fraction=0.5,
-            )
-            with transaction(factory) as db:
-                insert_presentations(db, rows)
-            time.sleep(0.25)  # the pace of arrival, not a wait for a result
-        engine.dispose()
+        n_sites = len(server.lab.site_ids)
+        rate = rng.uniform(1.0, 8.0, n_sites)  # (sites,)
+        next_put, k = time.monotonic(), 0
+        deadline = time.monotonic() + 30
+        while k < n_batches or spool.depth() > 0:
+            assert time.monotonic() < deadline, f"{spool.depth()} records still in the spool"
+            if k < n_batches and time.monotonic() >= next_put:
+                records = []
+                for pos in range(batch):
+                    i = k * batch + pos
+                    reason = None if i % 4 else ("fixation_break" if i % 8 else "stream_gap")
+                    raster = rng.poisson(0.3, (n_sites, 40)).astype("<u2")  # (sites, bins)
+                    raster[:, 17:27] += rng.poisson(1.0, (n_sites, 10)).astype("<u2")
+                    records.append(
+                        protocol.PresentationRecord(
+                            rig="rig-b",
+                            stream="pres",
+                            seq=i,
+                            presentation_id=str(uuid.uuid4()),
+                            session_id=server.live_session_id,
+                            block_id=server.live_block_id,
+                            stimulus_id=server.lab.natural_ids[i % len(server.lab.natural_ids)],
+                            trial_index=k,
+                            position=pos,
+                            onset_sample=30_000 * (i + 1),
+                            onset_source="photodiode",
+                            fixation_ok=reason != "fixation_break",
+                            dropped_frames=0,
+                            valid=reason is None,
+                            invalid_reason=reason,
+                            window_start_ms=70.0,
+                            window_end_ms=170.0,
+                            spike_counts=rng.poisson(rate).astype("<u2"),
+                            raster=raster,
+                            raster_bin_ms=10.0,
+                            raster_start_ms=-100.0,
+                        )
+                    )
+                spool.put_many([(r.presentation_id, r.encode()) for r in records])
+                k += 1
+                next_put += 0.25  # the pace of a rig, not a wait for a result
+            delivery.socket.poll(50)
+            delivery.pump()
     except BaseException as exc:  # reported by the test
         errors.append(exc)
+    finally:
+        delivery.close()
+        spool.close()
+        ctx.term()
 
 
 def test_live_monitor_counts_presentations_as_they_arrive(
-    server: LiveServer, browser: Browser
+    server: LiveServer, browser: Browser, tmp_path: Path
 ) -> None:
     page = _page(browser)
     _sign_in(page, server, "operator")
@@ -250,7 +305,11 @@ def test_live_monitor_counts_presentations_as_they_arrive(
     expect(page.locator("#live-status")).to_contain_text("live")
     n_batches, batch = 12, 8
     errors: list[BaseException] = []
-    feeder = threading.Thread(target=_feed, args=(server, n_batches, batch, errors), daemon=True)
+    feeder = threading.Thread(
+        target=_deliver,
+        args=(server, tmp_path / "spool.db", n_batches, batch, errors),
+        daemon=True,
+    )
     feeder.start()
     seen: set[int] = set()
     deadline = time.monotonic() + 20
@@ -270,6 +329,8 @@ def test_live_monitor_counts_presentations_as_they_arrive(
     valid = int(page.locator("#valid").inner_text())
     assert valid + invalid == n_batches * batch and invalid > 0
     expect(page.locator("#invalid-reasons")).to_contain_text("fixation_break")
+    expect(page.locator("#invalid-reasons")).to_contain_text("stream_gap")
+    expect(page.locator("#ingest")).to_contain_text("stored")
     assert int(page.locator("#live").get_attribute("data-updates") or 0) >= 3
     page.screenshot(path=str(SHOTS / "03-live-monitor.png"), full_page=True)
     page.context.close()

@@ -53,7 +53,7 @@ def test_psth_is_the_mean_rate_of_each_recent_image(db: Session, lab: Lab) -> No
     assert snap["psth"]
     item = snap["psth"][0]
     rasters = [
-        np.frombuffer(r.raster, "<u2").reshape(-1, RASTER_META["n_bins"]).mean(axis=0)
+        np.frombuffer(r.raster, "<u2").reshape(-1, RASTER_META["bins"]).mean(axis=0)
         for r in _recent_rows(db, lab.session_id)[: queries.RECENT_N]
         if r.valid and r.raster is not None and r.stimulus_id == item["stimulus_id"]
     ]
