@@ -142,11 +142,17 @@ def resolve_device(device: str) -> str:
 
 def default_handlers() -> dict[str, Handler]:
     """The job kinds this code knows how to run."""
+    from server.jobs.export import export_handler
     from server.loop.evaluate import evaluate_handler
     from server.loop.fitjob import fit_handler
     from server.loop.synthjob import synthesize_handler
 
-    return {"fit": fit_handler, "synthesize": synthesize_handler, "evaluate": evaluate_handler}
+    return {
+        "fit": fit_handler,
+        "synthesize": synthesize_handler,
+        "evaluate": evaluate_handler,
+        "export": export_handler,
+    }
 
 
 class _Heartbeat(threading.Thread):

@@ -179,3 +179,29 @@ def test_evaluate_refuses_a_session_without_synthetic_images(settings: Settings)
         assert job.state == "failed" and job.attempts == 1
         assert "showed no synthetic images" in (job.error or "")
     engine.dispose()
+
+
+def test_export_job_writes_the_response_matrix(settings: Settings) -> None:
+    engine = make_engine(settings.resolved_database_url)
+    factory = make_sessionmaker(engine)
+    blobs = BlobStore(settings.resolved_blob_dir)
+    world = build_world(factory, blobs, n_sites=3, n_natural=3, n_normalizer=2)
+    from tests.server.loop.world import PlantedPopulation, record
+
+    session_id = schedule(factory, world, [(world.natural_set_id, 2)])
+    n = record(factory, blobs, session_id, PlantedPopulation(3, seed=0))
+    with transaction(factory) as db:
+        job_id = queue.create_job(db, "export", session_id=session_id).id
+        missing = queue.create_job(db, "export", {"session_id": 999}).id
+    config = WorkerConfig(kinds=("export",), lease_s=30)
+    run_one(factory, blobs, settings, config)
+    run_one(factory, blobs, settings, config)
+    with transaction(factory) as db:
+        job = queue.get_job(db, job_id)
+        assert job.state == "succeeded" and job.result is not None
+        assert job.result["n_presentations"] == n == 6
+        data = np.load(blobs.root / job.result["path"])
+        assert data["counts"].shape == (6, 3) and list(data["site_ids"]) == world.site_ids
+        failed = queue.get_job(db, missing)
+        assert failed.state == "failed" and "session 999 does not exist" in (failed.error or "")
+    engine.dispose()
