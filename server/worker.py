@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -271,6 +272,10 @@ def run_worker(
     return ran
 
 
+def _raise_keyboard_interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def worker_command(
     settings: Settings,
     *,
@@ -293,6 +298,9 @@ def worker_command(
         poll_s=poll_s,
     )
     handlers = {k: h for k, h in default_handlers().items() if k in config.kinds}
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (systemd, docker stop) stops like Ctrl-C: the running job goes back to the queue
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     log.info(
         "worker %s on %s: kinds=%s lease=%.0fs db=%s",
         config.worker_id,

@@ -185,3 +185,19 @@ def test_two_worker_processes_never_run_the_same_job(
         states = Counter(db.scalars(select(Job.state)))
         pids = {j.result["pid"] for j in db.scalars(select(Job)) if j.result}
     assert states == {"succeeded": n_jobs} and len(pids) == 2
+
+
+def test_interrupted_worker_gives_the_job_back(
+    factory: sessionmaker[Session], settings: Settings, tmp_path: Path
+) -> None:
+    with transaction(factory) as db:
+        job_id = queue.create_job(db, "export").id
+
+    def handler(ctx: JobContext) -> queue.Committer:
+        raise KeyboardInterrupt  # Ctrl-C, or SIGTERM under `popcontrol worker`
+
+    config = WorkerConfig(kinds=("export",), lease_s=30)
+    with pytest.raises(KeyboardInterrupt):
+        run_one(factory, BlobStore(tmp_path), settings, config, {"export": handler})
+    row = _job(factory, job_id)
+    assert row.state == "queued" and row.attempts == 0 and row.lease_owner is None
