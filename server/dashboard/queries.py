@@ -630,6 +630,7 @@ def gallery(db: Session, model_id: int | None = None, limit: int = 400) -> list[
                 "objective": objective_kind(prov),
                 "model_id": prov.get("model_id"),
                 "predicted": _predicted_at_target(prov, target),
+                "predicted_units": str(prov.get("predicted_units") or ""),
                 "measured": mean,
                 "n": n,
             }

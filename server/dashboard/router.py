@@ -518,6 +518,7 @@ def model_page(request: Request, model_id: IdPath, db: SessionDep) -> Response:
     pred = scatter_data.get("pred") or []
     meas = scatter_data.get("meas") or []
     subject = db.get(Subject, model.subject_id)
+    units = f" ({metrics['units']})" if isinstance(metrics.get("units"), str) else ""
     return render(
         request,
         "model.html",
@@ -527,6 +528,7 @@ def model_page(request: Request, model_id: IdPath, db: SessionDep) -> Response:
             "sites": sites,
             "labels": labels,
             "n_reliable": sum(1 for s in sites if s.get("reliable")),
+            "has_stability": any("unstable" in s for s in sites),
             "ncev_hist": svg.histogram(
                 [queries.finite(s.get("ncev")) for s in sites],
                 label="noise-corrected EV",
@@ -542,8 +544,8 @@ def model_page(request: Request, model_id: IdPath, db: SessionDep) -> Response:
             "scatter": svg.scatter(
                 [queries.finite(v) for v in pred],
                 [queries.finite(v) for v in meas],
-                x_label="predicted",
-                y_label="measured",
+                x_label=f"predicted{units}",
+                y_label=f"measured{units}",
             ),
             "masks": masks,
             "summary": {

@@ -168,6 +168,8 @@ def _metrics(rng: np.random.Generator, site_ids: list[int], n_masks: int) -> dic
             "ceiling": ceiling,
             "ncev": cv_r**2 / ceiling,
             "reliable": ceiling > 0.5,
+            "unstable": i % 17 == 5,
+            "stability_r": round(float(rng.uniform(0.2, 0.9)), 3),
         }
         if i < n_masks:
             y, x = np.mgrid[0:8, 0:8]
@@ -183,6 +185,7 @@ def _metrics(rng: np.random.Generator, site_ids: list[int], n_masks: int) -> dic
             "meas": (pred + rng.normal(0, 1, 200)).round(3).tolist(),
         },
         "median_ncev": float(np.median([s["ncev"] for s in sites])),
+        "units": "z (per session, normalizer images)",
     }
 
 
