@@ -28,7 +28,8 @@ raster) plus ``fixation_grace_ms``. It is stored invalid, with the first reason 
 
 - ``no_onset``: no word matched and no clock offset known to place it;
 - ``late_flip``: its data were already discarded (the flip came more than ``retain_ms`` late);
-- ``stream_gap``: its counting window overlaps a gap in the stream (or precedes its start);
+- ``stream_gap``: a gap in the stream (or its start) overlaps what the record depends on: from
+  its event word (or where the word was looked for) to the end of its counting window;
 - ``fixation_break``: the flip says fixation was lost, or a ``FixationBreak`` of its trial came
   before its counting window had ended (host time of the break < flip time + photodiode
   max lag + window end); images whose window ended before the break stay valid;
@@ -428,7 +429,13 @@ class Aligner:
             return "no_onset"
         if p.onset_sample + self._need[0] < self._horizon:
             return "late_flip"
-        w0, w1 = p.onset_sample + self._win[0], p.onset_sample + self._win[1]
+        # The onset depends on the stream from the word (or where it was looked for) onwards:
+        # a gap there may have swallowed the word or the photodiode edge.
+        if p.word_sample is not None:
+            w0 = min(p.word_sample, p.onset_sample + self._win[0])
+        else:
+            w0 = min(p.onset_sample - self._fallback - self._tol, p.onset_sample + self._win[0])
+        w1 = p.onset_sample + self._win[1]
         if any(g0 < w1 and g1 > w0 for g0, g1 in self._gaps):
             return "stream_gap"
         if not flip.fixation_ok:

@@ -1,0 +1,1 @@
+"""Acquisition sources: Open Ephys ZMQ, replay of a recording, the simulator."""
