@@ -68,7 +68,7 @@ class PluginPublisher:
         sock.send_multipart(frames)
 
     def serve_heartbeats(self, stop: threading.Event) -> None:
-        rep = zmq.Context.instance().socket(zmq.REP)
+        rep: zmq.Socket = zmq.Context.instance().socket(zmq.REP)
         rep.bind(f"tcp://127.0.0.1:{self.port + 1}")
         try:
             while not stop.is_set():
@@ -79,7 +79,7 @@ class PluginPublisher:
             rep.close(linger=0)
 
     def publish(self, p: Planted, stop: threading.Event) -> None:
-        pub = zmq.Context.instance().socket(zmq.XPUB)
+        pub: zmq.Socket = zmq.Context.instance().socket(zmq.XPUB)
         pub.setsockopt(zmq.SNDHWM, 0)  # the test loses messages only where it means to
         pub.bind(f"tcp://127.0.0.1:{self.port}")
         try:
