@@ -133,6 +133,7 @@ def time_pages(day: Day, repeats: int) -> dict[str, float]:
         for name, path in pages.items():
             times = []
             for k in range(repeats + 1):
+                app.state.dashboard_live_cache = None  # time a fresh snapshot, not a shared one
                 t0 = time.perf_counter()
                 r = client.get(path)
                 elapsed = (time.perf_counter() - t0) * 1000
