@@ -209,6 +209,8 @@ class Presentation(Base):
     __tablename__ = "presentation"
     __table_args__ = (
         Index("ix_presentation_session_block", "session_id", "block_id"),
+        Index("ix_presentation_session_valid", "session_id", "valid"),
+        Index("ix_presentation_session_received", "session_id", "received_at"),
         Index("ix_presentation_stimulus", "stimulus_id"),
     )
 
@@ -223,7 +225,7 @@ class Presentation(Base):
     onset_source: Mapped[str] = mapped_column(String(20))
     fixation_ok: Mapped[bool] = mapped_column(Boolean)
     dropped_frames: Mapped[int] = mapped_column(Integer, default=0)
-    valid: Mapped[bool] = mapped_column(Boolean, index=True)
+    valid: Mapped[bool] = mapped_column(Boolean)
     invalid_reason: Mapped[str | None] = mapped_column(String(50), nullable=True)
     window_start_ms: Mapped[float] = mapped_column(Float, default=70.0)
     window_end_ms: Mapped[float] = mapped_column(Float, default=170.0)
