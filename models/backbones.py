@@ -242,7 +242,7 @@ def _build(spec: str) -> tuple[nn.Module, tuple[float, float, float], tuple[floa
     if spec == "alexnet":
         return AlexNet(), IMAGENET_MEAN, IMAGENET_STD
     if spec.startswith("torchvision:"):
-        tv_models = _import_optional("torchvision.models", spec)
+        tv_models = _import_optional("torchvision", spec).models
         return tv_models.get_model(spec.split(":", 1)[1], weights=None), IMAGENET_MEAN, IMAGENET_STD
     if spec.startswith("timm:"):
         timm = _import_optional("timm", spec)

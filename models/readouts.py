@@ -34,14 +34,31 @@ Progress = Callable[[int, int], None]
 LossKind = Literal["mse", "poisson"]
 ReadoutKind = Literal["factorized", "ridge"]
 
-_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+
+def laplacian_matrix(height: int, width: int) -> Tensor:
+    """(P, P) matrix L with (mask.flatten() @ L.T) = 5-point Laplacian of the mask, zero padded."""
+    size = height * width
+    lap = torch.zeros(size, size)
+    for i in range(height):
+        for j in range(width):
+            k = i * width + j
+            lap[k, k] = -4.0
+            for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                if 0 <= i + di < height and 0 <= j + dj < width:
+                    lap[k, (i + di) * width + (j + dj)] = 1.0
+    return lap
 
 
 @dataclass(frozen=True)
 class FactorizedConfig:
     """Factorized readout training. ``lambda_grid``: (lambda_s, lambda_d) pairs; when not empty
     every pair is fitted for every site (still one batched fit) and each site keeps the pair
-    with the lowest validation loss."""
+    with the lowest validation loss. Early stopping evaluates the held-out split after every
+    round of training: one epoch, or as many epochs as make ``min_steps_per_round`` optimizer
+    steps when the data set is small; ``max_epochs`` and ``patience`` count rounds.
+    ``compute_dtype="bfloat16"`` runs the two large products of
+    each training step in bfloat16 (float32 accumulation); validation, early stopping and the
+    fitted readout stay float32."""
 
     lambda_s: float = 0.05
     lambda_d: float = 0.1
@@ -49,9 +66,11 @@ class FactorizedConfig:
     batch_size: int = 50
     max_epochs: int = 60
     patience: int = 5
+    min_steps_per_round: int = 25
     val_fraction: float = 0.1
     loss: LossKind = "mse"
     lambda_grid: tuple[tuple[float, float], ...] = ()
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass(frozen=True)
@@ -217,7 +236,7 @@ def _factorized_linear(features: Tensor, masks: Tensor, weights: Tensor) -> Tens
     """features (b, C, P), masks (U, P), weights (U, C) -> (b, U) = sum_cp F m w."""
     b, c, p = features.shape
     pooled = (features.reshape(b * c, p) @ masks.T).reshape(b, c, -1)  # (b, C, U)
-    return (pooled * weights.T.unsqueeze(0)).sum(1)  # (b, U)
+    return (pooled * weights.T.unsqueeze(0)).sum(1, dtype=torch.float32)  # (b, U)
 
 
 def standardize_targets(targets: Tensor, loss: LossKind) -> tuple[Tensor, Tensor, Tensor]:
@@ -252,18 +271,23 @@ def _split(n: int, val_fraction: float, generator: torch.Generator) -> tuple[Ten
     return perm[n_val:], perm[:n_val]
 
 
-def _data_loss(linear: Tensor, targets: Tensor, loss: LossKind) -> Tensor:
-    """Mean over the batch per unit: (b, U), (b, U) -> (U,)."""
+def _data_loss(linear: Tensor, targets: Tensor, loss: LossKind, weight: Tensor) -> Tensor:
+    """Mean over the batch per unit: (b, U), (b, U) -> (U,).
+
+    Poisson: negative log-likelihood times ``weight`` (U,) = 2 x mean target, which gives it the
+    curvature of the squared error on unit-variance targets, so lambda_s/lambda_d mean the same
+    for both losses."""
     if loss == "mse":
         return ((linear - targets) ** 2).mean(0)
     rate = F.softplus(linear) + 1e-6
-    return (rate - targets * torch.log(rate)).mean(0)
+    return (rate - targets * torch.log(rate)).mean(0) * weight
 
 
 @dataclass(frozen=True)
 class FactorizedFit:
     readout: FactorizedReadout
-    epochs: int
+    rounds: int  # evaluation rounds run (see FactorizedConfig)
+    epochs: int  # passes over the training split
     val_loss: Tensor  # (sites,) best held-out data loss per site
     lambda_s: Tensor  # (sites,)
     lambda_d: Tensor  # (sites,)
@@ -306,23 +330,40 @@ def fit_factorized(
 
     masks = (torch.randn(units, p, generator=generator) * 0.01).to(device).requires_grad_(True)
     weights = (torch.randn(units, c, generator=generator) * 0.01).to(device).requires_grad_(True)
-    bias = torch.zeros(units, device=device, requires_grad=True)
+    loss_weight = 2.0 * y.mean(0)  # (U,) used by the Poisson loss only
+    if config.loss == "poisson":  # start at the mean rate: softplus(bias) = mean target
+        start_bias = torch.log(torch.expm1(y.mean(0).clamp_min(1e-3)))
+    else:
+        start_bias = torch.zeros(units, device=device)
+    bias = start_bias.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([masks, weights, bias], lr=config.lr)
-    kernel = _LAPLACIAN.to(device).view(1, 1, 3, 3)
+    lap_t = laplacian_matrix(h, w).T.contiguous().to(device)  # (P, P)
+    compute = torch.bfloat16 if config.compute_dtype == "bfloat16" else torch.float32
+    buffer = torch.empty((config.batch_size, c, p), dtype=feats.dtype, device=device)
 
     best = [t.detach().clone() for t in (masks, weights, bias)]
     best_loss = torch.full((units,), math.inf, device=device)
     stale = torch.zeros(units, dtype=torch.long, device=device)
     epoch = 0
+    batches_per_epoch = math.ceil(len(train_idx) / config.batch_size)
+    epochs_per_round = max(1, math.ceil(config.min_steps_per_round / batches_per_epoch))
+    batches: list[Tensor] = []
     for epoch in range(1, config.max_epochs + 1):
-        order = train_idx[torch.randperm(len(train_idx), generator=generator)]
-        for start in range(0, len(order), config.batch_size):
-            idx = order[start : start + config.batch_size].to(device)
-            batch = feats.index_select(0, rows[idx])  # (b, C, P)
-            linear = _factorized_linear(batch, masks, weights) / rms + bias  # (b, U)
-            data = _data_loss(linear, y.index_select(0, idx), config.loss)  # (U,)
-            lap = F.conv2d(masks.view(units, 1, h, w), kernel, padding=1)
-            smooth = lam_s * lap.pow(2).sum((1, 2, 3))
+        for _ in range(epochs_per_round):
+            order = train_idx[torch.randperm(len(train_idx), generator=generator)]
+            batches.extend(order.split(config.batch_size))
+        for cpu_idx in batches:
+            idx = cpu_idx.to(device)
+            batch = torch.index_select(feats, 0, rows[idx], out=buffer[: len(idx)])  # (b, C, P)
+            if compute == torch.float32:
+                linear = _factorized_linear(batch, masks, weights)
+            else:
+                linear = _factorized_linear(
+                    batch.to(compute), masks.to(compute), weights.to(compute)
+                ).float()
+            linear = linear / rms + bias  # (b, U)
+            data = _data_loss(linear, y.index_select(0, idx), config.loss, loss_weight)  # (U,)
+            smooth = lam_s * (masks @ lap_t).pow(2).sum(1)
             decay = lam_d * (masks.pow(2).sum(1) + weights.pow(2).sum(1))
             optimizer.zero_grad(set_to_none=True)
             (data + smooth + decay).sum().backward()
@@ -334,13 +375,15 @@ def fit_factorized(
                 chunk = vidx[start : start + 256]
                 batch = feats.index_select(0, rows[chunk])
                 linear = _factorized_linear(batch, masks, weights) / rms
-                val += _data_loss(linear + bias, y.index_select(0, chunk), config.loss) * len(chunk)
+                target = y.index_select(0, chunk)
+                val += _data_loss(linear + bias, target, config.loss, loss_weight) * len(chunk)
             val /= len(vidx)
             improved = val < best_loss
             best_loss = torch.where(improved, val, best_loss)
             for kept, current in zip(best, (masks, weights, bias), strict=True):
                 kept[improved] = current.detach()[improved]
             stale = torch.where(improved, torch.zeros_like(stale), stale + 1)
+        batches.clear()
         if progress is not None:
             progress(epoch, config.max_epochs)
         if bool((stale >= config.patience).all()):
@@ -366,7 +409,8 @@ def fit_factorized(
     )
     return FactorizedFit(
         readout=readout,
-        epochs=epoch,
+        rounds=epoch,
+        epochs=epoch * epochs_per_round,
         val_loss=best_loss.view(n_grid, n_sites).gather(0, choice[None]).squeeze(0).cpu(),
         lambda_s=lam_s[unit].cpu(),
         lambda_d=lam_d[unit].cpu(),
