@@ -164,8 +164,12 @@ class _Heartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        logged = ""
         while not self.stopped.wait(self.config.heartbeat_interval_s):
             progress, message = self.ctx.snapshot()
+            if message != logged:
+                log.info("job=%s progress=%.0f%% %s", self.ctx.job.id, 100 * progress, message)
+                logged = message
             try:
                 owned = renew_lease(
                     self.ctx.factory,

@@ -208,14 +208,14 @@ def onehot_results(
     temperature: float = 1.0,
 ) -> list[OneHotResult]:
     """One-hot control per target column: best synthetic vs best natural image."""
-    shown = np.flatnonzero(~np.isnan(means).any(axis=1))
-    natural = [int(n) for n in natural_images if n in set(shown.tolist())]
+    shown = set(np.flatnonzero(~np.isnan(means).any(axis=1)).tolist())
+    natural = [int(n) for n in natural_images if n in shown]
     if not natural:
         return []
     z = zscore_by_natural(means, natural)
     out: list[OneHotResult] = []
     for t in sorted(onehot_images):
-        images = [int(s) for s in onehot_images[t] if int(s) in set(shown.tolist())]
+        images = [int(s) for s in onehot_images[t] if int(s) in shown]
         if not images:
             continue
         scores = onehot_scores(z, t, population, temperature)
