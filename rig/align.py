@@ -177,9 +177,9 @@ class Aligner:
             self._chan_map = np.asarray(c.channel_to_site, dtype=np.int32)
 
         # Spikes: sorted sample buffer + site of each; new chunks wait in a list.
-        self._spk_samples = np.zeros(0, np.int64)  # (n,)
-        self._spk_sites = np.zeros(0, np.int32)  # (n,)
-        self._spk_chunks: list[tuple[np.ndarray, np.ndarray]] = []
+        # Spikes: one entry per chunk, in stream order: (first, last, samples (n,) i8, sites (n,) i4).
+        self._spk_store: deque[tuple[int, int, np.ndarray, np.ndarray]] = deque()
+        self._map_drops = bool(np.any(self._chan_map < 0))
         # Words: sample, value, used flag. Photodiode rising edges: samples.
         self._word_samples = np.zeros(0, np.int64)
         self._word_values = np.zeros(0, np.int64)
@@ -228,17 +228,20 @@ class Aligner:
         self.counters.spikes_in += int(spikes.size)
         if not spikes.size:
             return
-        chan = spikes["chan"].astype(np.int64)
-        sites = np.full(chan.shape, -1, np.int32)
-        known = chan < self._chan_map.size
-        sites[known] = self._chan_map[chan[known]]
-        keep = sites >= 0
-        n_keep = int(np.count_nonzero(keep))
-        self.counters.spikes_unmapped += int(spikes.size) - n_keep
-        if n_keep == spikes.size:
-            self._spk_chunks.append((spikes["sample"].astype(np.int64), sites))
-        elif n_keep:
-            self._spk_chunks.append((spikes["sample"][keep].astype(np.int64), sites[keep]))
+        chan = spikes["chan"]
+        samples = spikes["sample"]
+        if int(chan.max()) < self._chan_map.size:
+            sites = self._chan_map[chan]  # (n,) int32
+        else:
+            sites = np.full(chan.shape, -1, np.int32)
+            known = chan < self._chan_map.size
+            sites[known] = self._chan_map[chan[known]]
+        if self._map_drops or (sites.size and int(sites.min()) < 0):
+            keep = sites >= 0
+            self.counters.spikes_unmapped += int(spikes.size - np.count_nonzero(keep))
+            samples, sites = samples[keep], sites[keep]
+        if sites.size:
+            self._spk_store.append((int(samples[0]), int(samples[-1]) + 1, samples, sites))
 
     def add_events(self, msg: DigitalEvents) -> None:
         ev = self._contiguous("evt", msg.first_sample, msg.last_sample, msg.events)
@@ -292,7 +295,6 @@ class Aligner:
         self._stream_pos = max(self._stream_pos, int(stream_sample))
         pos = self._stream_pos
         self._match_words(pos)
-        self._consolidate()
         ready: list[_Pending] = []
         keep: list[_Pending] = []
         for p in self._pending:
@@ -415,13 +417,19 @@ class Aligner:
 
     # ------------------------------------------------------------------ counting
 
-    def _consolidate(self) -> None:
-        if self._spk_chunks:
-            samples = [self._spk_samples, *(c[0] for c in self._spk_chunks)]
-            sites = [self._spk_sites, *(c[1] for c in self._spk_chunks)]
-            self._spk_samples = np.concatenate(samples)
-            self._spk_sites = np.concatenate(sites)
-            self._spk_chunks = []
+    def _gather(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(samples, sites) of the stored spikes in chunks overlapping [lo, hi), sorted."""
+        parts = [(sa, si) for first, last, sa, si in self._spk_store if last > lo and first < hi]
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int32)
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    @property
+    def retained_spikes(self) -> int:
+        """Spikes held for presentations still to come."""
+        return sum(int(e[2].size) for e in self._spk_store)
 
     def _invalid_reason(self, p: _Pending) -> str | None:
         flip = p.flip
@@ -455,11 +463,18 @@ class Aligner:
             [p.onset_sample if p.onset_sample is not None else 0 for p in ready], np.int64
         )
         has_onset = np.array([p.onset_sample is not None for p in ready])
-        counts = self._count(onsets + self._win[0], onsets + self._win[1], has_onset)  # (k, sites)
+        if has_onset.any():
+            placed = onsets[has_onset]
+            buf = self._gather(int(placed.min()) + self._need[0], int(placed.max()) + self._need[1])
+        else:
+            buf = self._gather(0, 0)
+        counts = self._count(
+            buf, onsets + self._win[0], onsets + self._win[1], has_onset
+        )  # (k, sites)
         self.counters.spikes_counted += int(counts.sum())
         raster = None
         if c.raster:
-            raster = self._raster(onsets, has_onset)  # (k, sites, bins)
+            raster = self._raster(buf, onsets, has_onset)  # (k, sites, bins)
         out = []
         for i, p in enumerate(ready):
             reason = self._invalid_reason(p)
@@ -510,12 +525,13 @@ class Aligner:
             self.counters.onsets[src] = self.counters.onsets.get(src, 0) + 1
         return out
 
+    @staticmethod
     def _window_spikes(
-        self, start: np.ndarray, end: np.ndarray, use: np.ndarray
+        samples: np.ndarray, start: np.ndarray, end: np.ndarray, use: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Indices into the spike buffer of every spike in [start_i, end_i), and the i of each."""
-        lo = np.searchsorted(self._spk_samples, start, "left")  # (k,)
-        hi = np.searchsorted(self._spk_samples, end, "left")  # (k,)
+        """Indices into ``samples`` of every spike in [start_i, end_i), and the i of each."""
+        lo = np.searchsorted(samples, start, "left")  # (k,)
+        hi = np.searchsorted(samples, end, "left")  # (k,)
         lens = np.where(use, hi - lo, 0)
         total = int(lens.sum())
         owner = np.repeat(np.arange(start.size), lens)  # (total,)
@@ -523,18 +539,28 @@ class Aligner:
         idx = first + np.arange(total)
         return idx, owner
 
-    def _count(self, start: np.ndarray, end: np.ndarray, use: np.ndarray) -> np.ndarray:
+    def _count(
+        self,
+        buf: tuple[np.ndarray, np.ndarray],
+        start: np.ndarray,
+        end: np.ndarray,
+        use: np.ndarray,
+    ) -> np.ndarray:
         n_sites = self.config.n_sites
-        idx, owner = self._window_spikes(start, end, use)
-        flat = owner * n_sites + self._spk_sites[idx]
+        samples, sites = buf
+        idx, owner = self._window_spikes(samples, start, end, use)
+        flat = owner * n_sites + sites[idx]
         return np.bincount(flat, minlength=start.size * n_sites).reshape(start.size, n_sites)
 
-    def _raster(self, onsets: np.ndarray, use: np.ndarray) -> np.ndarray:
+    def _raster(
+        self, buf: tuple[np.ndarray, np.ndarray], onsets: np.ndarray, use: np.ndarray
+    ) -> np.ndarray:
         n_sites, n_bins = self.config.n_sites, self._n_bins
+        samples, sites = buf
         start = onsets + self._raster_start
-        idx, owner = self._window_spikes(start, start + n_bins * self._raster_bin, use)
-        b = (self._spk_samples[idx] - start[owner]) // self._raster_bin
-        flat = (owner * n_sites + self._spk_sites[idx]) * n_bins + b
+        idx, owner = self._window_spikes(samples, start, start + n_bins * self._raster_bin, use)
+        b = (samples[idx] - start[owner]) // self._raster_bin
+        flat = (owner * n_sites + sites[idx]) * n_bins + b
         size = onsets.size * n_sites * n_bins
         return np.bincount(flat, minlength=size).reshape(onsets.size, n_sites, n_bins)
 
@@ -552,10 +578,8 @@ class Aligner:
         if horizon <= self._horizon:
             return
         self._horizon = horizon
-        i = int(np.searchsorted(self._spk_samples, horizon, "left"))
-        if i:
-            self._spk_samples = self._spk_samples[i:]
-            self._spk_sites = self._spk_sites[i:]
+        while self._spk_store and self._spk_store[0][1] <= horizon:
+            self._spk_store.popleft()
         # words: keep those within reach of a flip still to come (tolerance below the horizon)
         j = int(np.searchsorted(self._word_samples, horizon - self._tol, "left"))
         if j:

@@ -297,7 +297,7 @@ def test_memory_stays_bounded() -> None:
     p = plant(seed=15, n_pres=40)
     aligner = Aligner(config(p, retain_ms=200.0))
     run(p, aligner)
-    assert aligner._spk_samples.size < 0.2 * p.spikes.size  # only the recent tail is kept
+    assert aligner.retained_spikes < 0.2 * p.spikes.size  # only the recent tail is kept
 
 
 def test_config_rejects_bad_values() -> None:
