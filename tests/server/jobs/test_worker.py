@@ -172,7 +172,8 @@ def test_two_worker_processes_never_run_the_same_job(
         )
         for log in logs
     ]
-    go.touch()
+    _wait_for(lambda: all(log.with_suffix(".ready").exists() for log in logs), 60)
+    go.touch()  # both workers start claiming at the same moment
     outputs = [p.communicate(timeout=120) for p in procs]
     for proc, (_out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-3000:]

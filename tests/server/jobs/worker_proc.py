@@ -20,6 +20,7 @@ from server.worker import JobContext, WorkerConfig, run_worker
 
 def main() -> None:
     url, log_path, go_file = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    log_path.with_suffix(".ready").touch()  # imports done
     deadline = time.monotonic() + 60
     while not go_file.exists():  # start together with the other worker
         if time.monotonic() > deadline:
