@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -228,3 +229,27 @@ def test_release_returns_the_job_without_counting_the_attempt(
     assert queue.release(factory, claimed)
     row = _job(factory, job_id)
     assert row.state == "queued" and row.attempts == 0 and row.lease_owner is None
+
+
+def test_postgres_claim_skips_a_locked_job_instead_of_waiting(
+    database_url: str, engine: Engine, factory: sessionmaker[Session]
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("row locks with SKIP LOCKED are PostgreSQL's; SQLite has one writer")
+    first = _create(factory, "fit")
+    second = _create(factory, "fit")
+    with engine.connect() as other:  # another worker in the middle of claiming `first`
+        other.execute(select(Job.id).where(Job.id == first).with_for_update())
+        got: list[queue.ClaimedJob | None] = []
+        claimer = threading.Thread(
+            target=lambda: got.append(queue.claim_next(factory, "w2", ["fit"], 30))
+        )
+        claimer.start()
+        claimer.join(timeout=10)
+        waited = claimer.is_alive()
+        other.rollback()  # releases the lock (and a claimer stuck behind it)
+        claimer.join()
+    assert not waited, "the claim waited for the locked job instead of skipping it"
+    assert got[0] is not None and got[0].id == second
+    claimed = queue.claim_next(factory, "w3", ["fit"], 30)
+    assert claimed is not None and claimed.id == first
