@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rig.align import AlignConfig, Aligner
-from rig.protocol import Flip, PresentationRecord
+from rig.protocol import DigitalEvents, Flip, PresentationRecord
 from rig.sim.monkey import FixationModel, MonkeyConfig, VirtualMonkey, dict_loader, stimulus_id_of
 from rig.sim.population import PopulationConfig, V4Population, noise_images, simulate_responses
 from rig.sources.base import PHOTODIODE_LINE, WORD_LINE, Source
@@ -213,3 +213,29 @@ def test_end_to_end_counts_and_imperfect_reliability() -> None:
     assert np.median(rel_arr) < 0.95, "the population must not be perfectly predictable"
     assert rel_arr.min() < 0.5, "some sites are unreliable, as on real arrays"
     assert rel_arr.max() > 0.7, "and some are reliable"
+
+
+def test_real_time_mode_follows_the_clock() -> None:
+    imgs = images(6)
+    ids = [stimulus_id_of(im) for im in imgs]
+    now = [100.0]
+    cfg = SimSourceConfig(
+        monkey=MonkeyConfig(population=PopulationConfig(n_sites=8)),
+        real_time=True,
+        lag_ms=150.0,
+        chunk_ms=50.0,
+    )
+    src = SimSource(cfg, dict_loader(dict(zip(ids, imgs, strict=True))), clock=lambda: now[0])
+    src.start()
+    start = src.stream_position()
+    assert start == src.sample_of(100.0 - 0.150)
+    assert src.read(0) == []  # the clock has not moved: nothing is due
+    src.on_flip(_flip(0, ids[0], 3, 100.0))  # shown now: lands 150 ms ahead of the stream
+    now[0] = 100.5
+    chunks = src.read(0)
+    assert src.stream_position() == src.sample_of(100.5 - 0.150)
+    assert len(chunks) == 2 * 10  # ten 50 ms chunks of spikes + events
+    words = np.concatenate([c.events for c in chunks if isinstance(c, DigitalEvents)])
+    assert list(words[words["line"] == WORD_LINE]["sample"][:1]) == [src.sample_of(100.0)]
+    src.on_flip(_flip(1, ids[1], 4, 100.1))  # arrives after its moment has been streamed
+    assert src.counters.late_flips == 1
