@@ -260,11 +260,15 @@ class Aligner:
             if np.any(rising):
                 self._pd_rising = np.concatenate([self._pd_rising, ev["sample"][rising]])
 
-    def note_gap(self, first_sample: int, last_sample: int) -> None:
-        """The stream has no data in [first_sample, last_sample) (loss, a restart, a dropped chunk)."""
+    def note_gap(self, first_sample: int, last_sample: int, *, stream_start: bool = False) -> None:
+        """The stream has no data in [first_sample, last_sample) (loss, a restart, a dropped
+        chunk). ``stream_start``: the span before the first data, expected and not a loss."""
         if last_sample <= first_sample:
             return
         self._gaps.append((int(first_sample), int(last_sample)))
+        if stream_start:
+            log.info("stream starts at sample %d", last_sample)
+            return
         self.counters.gaps += 1
         self.counters.gap_samples += int(last_sample - first_sample)
         log.warning("stream gap: samples [%d, %d) missing", first_sample, last_sample)
@@ -274,7 +278,7 @@ class Aligner:
         expected = self._next_sample.get(kind)
         if expected is None:
             if first > 0:
-                self.note_gap(0, first)  # nothing is known before the stream started
+                self.note_gap(0, first, stream_start=True)  # nothing is known before it
         elif first > expected:
             self.note_gap(expected, first)
         elif first < expected:
