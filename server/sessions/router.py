@@ -13,7 +13,6 @@ from server.auth.tokens import require_rig_access
 from server.catalog.service import get_rig_by_name
 from server.db.models import Presentation, SessionState
 from server.deps import IdPath, OperatorDep, ReaderDep, RigOrOperatorDep, SessionDep
-from server.loop.policy import on_session_completed
 from server.schemas import Page
 from server.sessions import service
 from server.sessions.schemas import (
@@ -77,8 +76,6 @@ def transition_session(
     session = service.get_session(db, session_id)
     require_rig_access(principal, session.rig_id)
     service.transition(db, session, action, body.reason if body else "")
-    if action == "complete":
-        on_session_completed(db, session)  # closed-loop policy: queue the next steps
     return service.session_out(db, session)
 
 

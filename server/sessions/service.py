@@ -166,6 +166,12 @@ def transition(
     session.state = allowed[session.state]
     session.state_reason = reason
     db.flush()
+    if session.state == SessionState.completed.value:
+        # The closed-loop policy queues the next steps, whoever completed the session
+        # (REST API, dashboard, demo). It never fails the transition.
+        from server.loop.policy import on_session_completed
+
+        on_session_completed(db, session)
     return session
 
 
