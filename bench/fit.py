@@ -191,11 +191,16 @@ def main() -> None:
     parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (1: on a shared, oversubscribed machine 2 threads ran 2x slower)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.images, args.test_images, args.sites = 240, 80, 16
         args.per_site_subset, args.max_epochs = 2, 15
     warnings.simplefilter("ignore", RandomWeightsWarning)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     rows = Rows()

@@ -94,6 +94,7 @@ def _readout_from(description: Mapping[str, Any], tensors: Mapping[str, torch.Te
             channel_weights=part["channel_weights"],
             bias=part["bias"],
             feature_scale=part["feature_scale"],
+            feature_mean=part["feature_mean"],
             target_offset=part["target_offset"],
             target_scale=part["target_scale"],
             lambda_s=part["lambda_s"],

@@ -1,7 +1,10 @@
 """Per-site readouts from backbone features, fitted for all sites at once as batched tensors.
 
 * ``factorized`` (Bashivan et al. 2019, after Klindt et al. 2017): per site a spatial mask s[x, y],
-  channel weights w[c] and a bias b; y_hat = sum_xy sum_c s[x, y] F[c, x, y] w[c] / feature_rms + b.
+  channel weights w[c] and a bias b; y_hat = sum_xy sum_c s[x, y] G[c, x, y] w[c] + b, with
+  G = (F - mean_F) / scale_F the features centred per (c, x, y) and divided by one scalar, their
+  typical across-image standard deviation (the same model class, as the bias absorbs the centring;
+  it makes the lambdas independent of the backbone's activation scale).
   Loss: squared error (or Poisson) on z-scored targets + lambda_s * ||Laplacian(s)||^2 +
   lambda_d * (||s||^2 + ||w||^2); Adam on mini-batches; per-site early stopping on a held-out
   split. Defaults are the released code's (lambda_s 0.05, lambda_d 0.1, lr 0.01, batch 50).
@@ -141,6 +144,7 @@ class FactorizedReadout(Readout):
     channel_weights: Tensor
     bias: Tensor
     feature_scale: Tensor
+    feature_mean: Tensor
     lambda_s: Tensor
     lambda_d: Tensor
 
@@ -149,7 +153,8 @@ class FactorizedReadout(Readout):
         masks: Tensor,  # (members, sites, h, w)
         channel_weights: Tensor,  # (members, sites, C)
         bias: Tensor,  # (members, sites)
-        feature_scale: Tensor,  # () RMS of the training features
+        feature_scale: Tensor,  # () typical across-image std of the training features
+        feature_mean: Tensor,  # (C, h, w) training-feature mean
         target_offset: Tensor,
         target_scale: Tensor,
         lambda_s: Tensor,  # (sites,) penalty used per site (mean over members)
@@ -164,6 +169,7 @@ class FactorizedReadout(Readout):
         self.register_buffer("channel_weights", channel_weights.float().clone())
         self.register_buffer("bias", bias.float().clone())
         self.register_buffer("feature_scale", feature_scale.float().clone().reshape(()))
+        self.register_buffer("feature_mean", feature_mean.float().clone())
         self.register_buffer("lambda_s", lambda_s.float().clone())
         self.register_buffer("lambda_d", lambda_d.float().clone())
 
@@ -179,10 +185,11 @@ class FactorizedReadout(Readout):
                 f"features {tuple(features.shape[1:])} do not match the readout "
                 f"({self.channel_weights.shape[2]}, {h}, {w})"
             )
-        linear = _factorized_linear(
+        linear = _centered_linear(
             features.reshape(b, c, h * w),
             self.masks.reshape(k * s, h * w),
             self.channel_weights.reshape(k * s, c),
+            self.feature_mean.reshape(c, h * w),
         )  # (batch, members * sites)
         linear = linear / self.feature_scale + self.bias.reshape(1, k * s)
         return self._unscale(linear.reshape(b, k, s).transpose(0, 1))  # (members, batch, sites)
@@ -232,6 +239,12 @@ class RidgeReadout(Readout):
         return self._unscale(linear)
 
 
+def _centered_linear(features: Tensor, masks: Tensor, weights: Tensor, mean: Tensor) -> Tensor:
+    """As _factorized_linear on (features - mean), mean (C, P), without a centred copy."""
+    offset = ((masks.float() @ mean.T) * weights.float()).sum(1)  # (U,)
+    return _factorized_linear(features, masks, weights) - offset
+
+
 def _factorized_linear(features: Tensor, masks: Tensor, weights: Tensor) -> Tensor:
     """features (b, C, P), masks (U, P), weights (U, C) -> (b, U) = sum_cp F m w."""
     b, c, p = features.shape
@@ -251,16 +264,23 @@ def standardize_targets(targets: Tensor, loss: LossKind) -> tuple[Tensor, Tensor
     return (targets - offset) / scale, offset, scale
 
 
-def feature_rms(features: Tensor, rows: Tensor | None = None, chunk: int = 128) -> float:
-    """Root mean square of the feature values of ``rows`` (all rows by default), computed in
-    chunks (no full-size temporary)."""
+def feature_moments(
+    features: Tensor, rows: Tensor | None = None, chunk: int = 128
+) -> tuple[Tensor, float]:
+    """Mean over ``rows`` per feature (same shape as one row) and the root mean across-image
+    variance (a scalar), computed in chunks (no full-size temporary)."""
     rows = torch.arange(features.shape[0]) if rows is None else rows
-    total = 0.0
+    total = torch.zeros(features.shape[1:], dtype=torch.float64, device=features.device)
+    total_sq = torch.zeros_like(total)
     for start in range(0, len(rows), chunk):
         block = features.index_select(0, rows[start : start + chunk].to(features.device)).double()
-        total += float((block * block).sum())
-    rms = math.sqrt(total / max(len(rows) * math.prod(features.shape[1:]), 1))
-    return rms if rms > 0 else 1.0
+        total += block.sum(0)
+        total_sq += (block * block).sum(0)
+    n = max(len(rows), 1)
+    mean = total / n
+    variance = (total_sq / n - mean * mean).clamp_min(0.0)
+    scale = math.sqrt(float(variance.mean()))
+    return mean.float(), scale if scale > 0 else 1.0
 
 
 def _split(n: int, val_fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -324,7 +344,7 @@ def fit_factorized(
     scaled, offset, scale = standardize_targets(targets.float(), config.loss)
     feats = features.reshape(n_all, c, p).to(device)  # (N, C, P); no copy on the CPU
     rows = rows.to(device)
-    rms = feature_rms(feats, rows)
+    feature_mean, rms = feature_moments(feats, rows)  # (C, P), scalar
     y = scaled.to(device).repeat(1, n_grid)  # (n, U)
     train_idx, val_idx = _split(n, config.val_fraction, generator)
 
@@ -361,7 +381,8 @@ def fit_factorized(
                 linear = _factorized_linear(
                     batch.to(compute), masks.to(compute), weights.to(compute)
                 ).float()
-            linear = linear / rms + bias  # (b, U)
+            centring = ((masks @ feature_mean.T) * weights).sum(1)  # (U,)
+            linear = (linear - centring) / rms + bias  # (b, U)
             data = _data_loss(linear, y.index_select(0, idx), config.loss, loss_weight)  # (U,)
             smooth = lam_s * (masks @ lap_t).pow(2).sum(1)
             decay = lam_d * (masks.pow(2).sum(1) + weights.pow(2).sum(1))
@@ -374,7 +395,7 @@ def fit_factorized(
             for start in range(0, len(vidx), 256):
                 chunk = vidx[start : start + 256]
                 batch = feats.index_select(0, rows[chunk])
-                linear = _factorized_linear(batch, masks, weights) / rms
+                linear = _centered_linear(batch, masks, weights, feature_mean) / rms
                 target = y.index_select(0, chunk)
                 val += _data_loss(linear + bias, target, config.loss, loss_weight) * len(chunk)
             val /= len(vidx)
@@ -401,6 +422,7 @@ def fit_factorized(
         channel_weights=(best[1][unit] * sign).view(1, n_sites, c).cpu(),
         bias=best[2][unit].view(1, n_sites).cpu(),
         feature_scale=torch.tensor(rms),
+        feature_mean=feature_mean.view(c, h, w).cpu(),
         target_offset=offset,
         target_scale=scale,
         lambda_s=lam_s[unit].cpu(),
@@ -495,13 +517,15 @@ def stack_members(readouts: list[Readout]) -> Readout:
             if not (
                 torch.equal(r.target_offset, first.target_offset)
                 and torch.equal(r.target_scale, first.target_scale)
+                and torch.equal(r.feature_mean, first.feature_mean)
             ):
                 raise ValueError("factorized ensemble members must be fitted on the same targets")
         return FactorizedReadout(
             masks=torch.cat([r.masks for r in parts]),
             channel_weights=torch.cat([r.channel_weights for r in parts]),
             bias=torch.cat([r.bias for r in parts]),
-            feature_scale=torch.stack([r.feature_scale for r in parts]).mean(),
+            feature_scale=first.feature_scale,
+            feature_mean=first.feature_mean,
             target_offset=first.target_offset,
             target_scale=first.target_scale,
             lambda_s=torch.stack([r.lambda_s for r in parts]).mean(0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,6 +12,16 @@ from torch import Tensor
 from models.backbones import Backbone, RandomWeightsWarning, load_backbone
 
 SMALL_INPUT_PX = 96  # conv3 of AlexNet is 384 x 5 x 5 at this input size
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """These tests use small tensors: one thread avoids thread-pool contention on a shared
+    machine (up to 20x slower with two threads there). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
