@@ -414,6 +414,10 @@ def evaluate_session(db: Session, session_id: int, params: EvaluateParams) -> di
         "predicted_measured_r": _finite(agreement.r),
         "overprediction": _finite(agreement.overprediction),
         "n_synthetic_images": agreement.n_images,
+        "predicted_vs_measured": [
+            [round(float(p), 4), round(float(m), 4)]
+            for p, m in zip(pred_rows, meas_rows, strict=True)
+        ],
         "min_repetitions": int(reps[reps > 0].min()) if (reps > 0).any() else 0,
         "params": asdict(params),
     }
