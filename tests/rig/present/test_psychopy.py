@@ -33,15 +33,13 @@ from tests.rig.present.conftest import (
 VALID_AFTER_S = 0.11  # count window end 60 ms + 50 ms photodiode lag > 50 ms on + 50 ms off
 
 
-@pytest.fixture
-def xvfb_display(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A private Xvfb server for the test; DISPLAY points at it."""
-    require_component("Xvfb", shutil.which("Xvfb") is not None, "apt-get install xvfb")
-    require_component(
-        "PsychoPy",
-        importlib.util.find_spec("psychopy") is not None,
-        "pip install 'popcontrol[present]'",
-    )
+@pytest.fixture(scope="session")
+def _xvfb_server() -> Iterator[str | None]:
+    """One private Xvfb for the whole run: pyglet keeps its first X connection for the life of
+    the process, so every PsychoPy window of the run must live on the same display."""
+    if shutil.which("Xvfb") is None:
+        yield None
+        return
     number = next(n for n in range(90, 190) if not Path(f"/tmp/.X11-unix/X{n}").exists())
     proc = subprocess.Popen(
         ["Xvfb", f":{number}", "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
@@ -52,13 +50,28 @@ def xvfb_display(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         deadline = time.monotonic() + 10
         while not Path(f"/tmp/.X11-unix/X{number}").exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                require_component("Xvfb", False, f"Xvfb :{number} did not start")
+                yield None
+                return
             time.sleep(0.05)
-        monkeypatch.setenv("DISPLAY", f":{number}")
         yield f":{number}"
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def xvfb_display(_xvfb_server: str | None, monkeypatch: pytest.MonkeyPatch) -> str:
+    """DISPLAY pointing at the run's private Xvfb."""
+    require_component("Xvfb", shutil.which("Xvfb") is not None, "apt-get install xvfb")
+    require_component("Xvfb", _xvfb_server is not None, "the private Xvfb did not start")
+    require_component(
+        "PsychoPy",
+        importlib.util.find_spec("psychopy") is not None,
+        "pip install 'popcontrol[present]'",
+    )
+    assert _xvfb_server is not None
+    monkeypatch.setenv("DISPLAY", _xvfb_server)
+    return _xvfb_server
 
 
 def _engine() -> EngineConfig:
