@@ -231,11 +231,11 @@ def test_release_returns_the_job_without_counting_the_attempt(
     assert row.state == "queued" and row.attempts == 0 and row.lease_owner is None
 
 
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has one writer
 def test_postgres_claim_skips_a_locked_job_instead_of_waiting(
     database_url: str, engine: Engine, factory: sessionmaker[Session]
 ) -> None:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("row locks with SKIP LOCKED are PostgreSQL's; SQLite has one writer")
+    assert database_url.startswith("postgresql")
     first = _create(factory, "fit")
     second = _create(factory, "fit")
     with engine.connect() as other:  # another worker in the middle of claiming `first`
