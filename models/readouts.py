@@ -58,7 +58,8 @@ class FactorizedConfig:
     every pair is fitted for every site (still one batched fit) and each site keeps the pair
     with the lowest validation loss. Early stopping evaluates the held-out split after every
     round of training: one epoch, or as many epochs as make ``min_steps_per_round`` optimizer
-    steps when the data set is small; ``max_epochs`` and ``patience`` count rounds.
+    steps when the data set is small; ``max_epochs`` and ``patience`` count rounds. A site's
+    validation loss must drop by ``min_improvement`` (relative) to count as improved.
     ``compute_dtype="bfloat16"`` runs the two large products of
     each training step in bfloat16 (float32 accumulation); validation, early stopping and the
     fitted readout stay float32."""
@@ -70,6 +71,7 @@ class FactorizedConfig:
     max_epochs: int = 60
     patience: int = 5
     min_steps_per_round: int = 25
+    min_improvement: float = 1e-3
     val_fraction: float = 0.1
     loss: LossKind = "mse"
     lambda_grid: tuple[tuple[float, float], ...] = ()
@@ -307,10 +309,27 @@ def _data_loss(linear: Tensor, targets: Tensor, loss: LossKind, weight: Tensor) 
 class FactorizedFit:
     readout: FactorizedReadout
     rounds: int  # evaluation rounds run (see FactorizedConfig)
+    unit_rounds: int  # sum over rounds of the units still training
     epochs: int  # passes over the training split
     val_loss: Tensor  # (sites,) best held-out data loss per site
     lambda_s: Tensor  # (sites,)
     lambda_d: Tensor  # (sites,)
+
+
+def _compact(
+    params: list[Tensor], optimizer: torch.optim.Optimizer, keep: Tensor, lr: float
+) -> tuple[list[Tensor], torch.optim.Optimizer]:
+    """Keep rows ``keep`` of every parameter, carrying their Adam state over unchanged."""
+    kept = [p.detach()[keep].clone().requires_grad_(True) for p in params]
+    new_optimizer = torch.optim.Adam(kept, lr=lr)
+    for old, new in zip(params, kept, strict=True):
+        state = optimizer.state.get(old)
+        if state:
+            new_optimizer.state[new] = {
+                key: (value[keep].clone() if key != "step" else value.clone())
+                for key, value in state.items()
+            }
+    return kept, new_optimizer
 
 
 def fit_factorized(
@@ -348,27 +367,39 @@ def fit_factorized(
     y = scaled.to(device).repeat(1, n_grid)  # (n, U)
     train_idx, val_idx = _split(n, config.val_fraction, generator)
 
-    masks = (torch.randn(units, p, generator=generator) * 0.01).to(device).requires_grad_(True)
-    weights = (torch.randn(units, c, generator=generator) * 0.01).to(device).requires_grad_(True)
+    masks = (torch.randn(units, p, generator=generator) * 0.01).to(device)
+    weights = (torch.randn(units, c, generator=generator) * 0.01).to(device)
     loss_weight = 2.0 * y.mean(0)  # (U,) used by the Poisson loss only
     if config.loss == "poisson":  # start at the mean rate: softplus(bias) = mean target
-        start_bias = torch.log(torch.expm1(y.mean(0).clamp_min(1e-3)))
+        bias = torch.log(torch.expm1(y.mean(0).clamp_min(1e-3)))
     else:
-        start_bias = torch.zeros(units, device=device)
-    bias = start_bias.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([masks, weights, bias], lr=config.lr)
+        bias = torch.zeros(units, device=device)
+    best = [t.clone() for t in (masks, weights, bias)]
+    best_loss = torch.full((units,), math.inf, device=device)
+    stale = torch.zeros(units, dtype=torch.long, device=device)
+
+    # Units still training. A unit whose validation loss has not improved for ``patience``
+    # rounds is retired (exactly per-site early stopping); when enough units have retired the
+    # tensors are compacted so that later rounds cost only what the active units need.
+    active = torch.arange(units, device=device)
+    params = [t.clone().requires_grad_(True) for t in (masks, weights, bias)]
+    optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.lr)
+    y_active, weight_active = y, loss_weight
+    lam_s_active, lam_d_active = lam_s, lam_d
+    running = torch.ones(units, dtype=torch.bool, device=device)  # over the active units
     lap_t = laplacian_matrix(h, w).T.contiguous().to(device)  # (P, P)
     compute = torch.bfloat16 if config.compute_dtype == "bfloat16" else torch.float32
     buffer = torch.empty((config.batch_size, c, p), dtype=feats.dtype, device=device)
 
-    best = [t.detach().clone() for t in (masks, weights, bias)]
-    best_loss = torch.full((units,), math.inf, device=device)
-    stale = torch.zeros(units, dtype=torch.long, device=device)
     epoch = 0
+    unit_rounds = 0  # sum over rounds of the units trained (a cost measure)
     batches_per_epoch = math.ceil(len(train_idx) / config.batch_size)
     epochs_per_round = max(1, math.ceil(config.min_steps_per_round / batches_per_epoch))
-    batches: list[Tensor] = []
+    vidx = val_idx.to(device)
     for epoch in range(1, config.max_epochs + 1):
+        m, wt, b = params
+        unit_rounds += len(active)
+        batches: list[Tensor] = []
         for _ in range(epochs_per_round):
             order = train_idx[torch.randperm(len(train_idx), generator=generator)]
             batches.extend(order.split(config.batch_size))
@@ -376,39 +407,44 @@ def fit_factorized(
             idx = cpu_idx.to(device)
             batch = torch.index_select(feats, 0, rows[idx], out=buffer[: len(idx)])  # (b, C, P)
             if compute == torch.float32:
-                linear = _factorized_linear(batch, masks, weights)
+                linear = _factorized_linear(batch, m, wt)
             else:
-                linear = _factorized_linear(
-                    batch.to(compute), masks.to(compute), weights.to(compute)
-                ).float()
-            centring = ((masks @ feature_mean.T) * weights).sum(1)  # (U,)
-            linear = (linear - centring) / rms + bias  # (b, U)
-            data = _data_loss(linear, y.index_select(0, idx), config.loss, loss_weight)  # (U,)
-            smooth = lam_s * (masks @ lap_t).pow(2).sum(1)
-            decay = lam_d * (masks.pow(2).sum(1) + weights.pow(2).sum(1))
+                linear = _factorized_linear(batch.to(compute), m.to(compute), wt.to(compute))
+            centring = ((m @ feature_mean.T) * wt).sum(1)  # (U,)
+            linear = (linear - centring) / rms + b  # (b, U)
+            data = _data_loss(linear, y_active.index_select(0, idx), config.loss, weight_active)
+            smooth = lam_s_active * (m @ lap_t).pow(2).sum(1)
+            decay = lam_d_active * (m.pow(2).sum(1) + wt.pow(2).sum(1))
             optimizer.zero_grad(set_to_none=True)
             (data + smooth + decay).sum().backward()
             optimizer.step()
         with torch.no_grad():
-            val = torch.zeros(units, device=device)
-            vidx = val_idx.to(device)
+            val = torch.zeros(len(active), device=device)
             for start in range(0, len(vidx), 256):
                 chunk = vidx[start : start + 256]
-                batch = feats.index_select(0, rows[chunk])
-                linear = _centered_linear(batch, masks, weights, feature_mean) / rms
-                target = y.index_select(0, chunk)
-                val += _data_loss(linear + bias, target, config.loss, loss_weight) * len(chunk)
+                linear = _centered_linear(feats.index_select(0, rows[chunk]), m, wt, feature_mean)
+                target = y_active.index_select(0, chunk)
+                val += _data_loss(linear / rms + b, target, config.loss, weight_active) * len(chunk)
             val /= len(vidx)
-            improved = val < best_loss
-            best_loss = torch.where(improved, val, best_loss)
-            for kept, current in zip(best, (masks, weights, bias), strict=True):
-                kept[improved] = current.detach()[improved]
-            stale = torch.where(improved, torch.zeros_like(stale), stale + 1)
-        batches.clear()
+            previous = best_loss[active]
+            tolerance = config.min_improvement * previous.abs().nan_to_num(0.0, 0.0)
+            improved = (val < previous - tolerance) & running  # (U_active,)
+            best_loss[active] = torch.where(improved, val, previous)
+            for kept, current in zip(best, params, strict=True):
+                kept[active[improved]] = current.detach()[improved]
+            stale[active] = torch.where(improved, 0, stale[active] + 1)
+            running = stale[active] < config.patience
         if progress is not None:
             progress(epoch, config.max_epochs)
-        if bool((stale >= config.patience).all()):
+        n_running = int(running.sum())
+        if n_running == 0:
             break
+        if n_running <= 0.9 * len(active):
+            params, optimizer = _compact(params, optimizer, running, config.lr)
+            active = active[running]
+            y_active, weight_active = y_active[:, running], weight_active[running]
+            lam_s_active, lam_d_active = lam_s_active[running], lam_d_active[running]
+            running = torch.ones(len(active), dtype=torch.bool, device=device)
 
     # pick, per site, the grid point with the lowest validation loss
     loss_grid = best_loss.view(n_grid, n_sites)
@@ -433,6 +469,7 @@ def fit_factorized(
         readout=readout,
         rounds=epoch,
         epochs=epoch * epochs_per_round,
+        unit_rounds=unit_rounds,
         val_loss=best_loss.view(n_grid, n_sites).gather(0, choice[None]).squeeze(0).cpu(),
         lambda_s=lam_s[unit].cpu(),
         lambda_d=lam_d[unit].cpu(),
@@ -460,12 +497,15 @@ def fit_ridge(
     rows = rows.to(device)
     d = flat.shape[1]
     step = config.chunk_features
-    mean = torch.cat(
-        [flat[rows, start : start + step].mean(0) for start in range(0, d, step)]
-    )  # (D,)
+    every_row = n == flat.shape[0] and bool((rows == torch.arange(n, device=device)).all())
+
+    def columns(start: int) -> Tensor:  # (n, step) a view when every row is used
+        return flat[:, start : start + step] if every_row else flat[rows, start : start + step]
+
+    mean = torch.cat([columns(start).mean(0) for start in range(0, d, step)])  # (D,)
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)  # centered X X^T
     for start in range(0, d, step):
-        block = flat[rows, start : start + step] - mean[start : start + step]
+        block = columns(start) - mean[start : start + step]
         gram += (block @ block.T).double()
     evals, evecs = torch.linalg.eigh(gram)  # ascending
     evals, evecs = evals.flip(0), evecs.flip(1)
@@ -493,7 +533,7 @@ def fit_ridge(
     coef32 = coef.float()
     weight = torch.empty(d, coef.shape[1], device=device)  # (D, sites)
     for start in range(0, d, step):
-        block = flat[rows, start : start + step] - mean[start : start + step]
+        block = columns(start) - mean[start : start + step]
         weight[start : start + step] = block.T @ coef32
     bias = -(mean @ weight)  # (sites,)
     return RidgeReadout(
