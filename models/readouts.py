@@ -223,7 +223,8 @@ class RidgeReadout(Readout):
             int(feature_shape[1]),
             int(feature_shape[2]),
         )
-        self.register_buffer("weight", weight.float().clone())
+        # no copy: the (features, sites) matrix is the one large tensor of a ridge readout
+        self.register_buffer("weight", weight.detach().float().contiguous())
         self.register_buffer("bias", bias.float().clone())
         self.register_buffer("alpha", alpha.float().clone())
 
