@@ -38,6 +38,7 @@ from rig.spool import Spool
 log = logging.getLogger("popcontrol.rig.daemon")
 
 StreamMessage = protocol.Spikes | protocol.DigitalEvents
+ACK_CHUNK = 500  # ids per Ack: 500 UUIDs + statuses stay well under the 64 KiB header limit
 
 
 class StreamSource(Protocol):
@@ -226,14 +227,14 @@ class RigDaemon:
             ids.append(key)
             statuses.append(protocol.ACK_STORED if new else protocol.ACK_DUPLICATE)
         for identity, (ids, statuses) in acks.items():
-            for start in range(0, len(ids), protocol.MAX_ACK_IDS):
+            for start in range(0, len(ids), ACK_CHUNK):
                 self._ack_seq += 1
                 ack = protocol.Ack(
                     rig=self.config.rig,
                     stream="flip-ack",
                     seq=self._ack_seq,
-                    ids=ids[start : start + protocol.MAX_ACK_IDS],
-                    statuses=statuses[start : start + protocol.MAX_ACK_IDS],
+                    ids=ids[start : start + ACK_CHUNK],
+                    statuses=statuses[start : start + ACK_CHUNK],
                 )
                 try:
                     self.flips.send_multipart([identity, *ack.encode()], flags=zmq.NOBLOCK)

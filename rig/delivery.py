@@ -39,6 +39,7 @@ class DeliveryConfig:
     send_batch: int = 500  # records read from the spool per pump
     resend_after_s: float = 5.0  # re-send unacked records after this long without an ack
     latency_samples: int = 10_000  # recent window-end -> ack latencies kept for the status
+    auth_retry_s: float = 10.0  # after the server refused our key, try again this much later
 
     def __post_init__(self) -> None:
         keys = (self.server_public_key, self.rig_public_key, self.rig_secret_key)
@@ -73,8 +74,17 @@ class Delivery:
         self.config = config
         self.spool = spool
         self.stats = DeliveryStats(latencies_s=deque(maxlen=config.latency_samples))
-        self.socket: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
-        s = self.socket
+        self._ctx = ctx
+        self.socket, self.monitor = self._open()
+        self.connected = False
+        self._inflight: dict[str, float] = {}  # presentation id -> finalised_at (time.time())
+        self._cursor = 0  # highest spool seq sent in this round
+        self._last_progress = time.monotonic()
+        self._reopen_at: float | None = None
+
+    def _open(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+        config = self.config
+        s: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection; else send -> Again
         s.setsockopt(zmq.SNDHWM, max(config.window * 2, 1000))
@@ -87,7 +97,7 @@ class Delivery:
             s.curve_serverkey = config.server_public_key.encode("ascii")
             s.curve_publickey = str(config.rig_public_key).encode("ascii")
             s.curve_secretkey = str(config.rig_secret_key).encode("ascii")
-        self.monitor: zmq.Socket[bytes] = s.get_monitor_socket(
+        monitor: zmq.Socket[bytes] = s.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED
             | zmq.EVENT_DISCONNECTED
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -95,10 +105,16 @@ class Delivery:
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
         )
         s.connect(config.server)
-        self.connected = False
-        self._inflight: dict[str, float] = {}  # presentation id -> finalised_at (time.time())
-        self._cursor = 0  # highest spool seq sent in this round
-        self._last_progress = time.monotonic()
+        return s, monitor
+
+    def _reopen(self) -> None:
+        """A refused handshake is not retried by ZeroMQ: start over with a fresh socket."""
+        self.socket.disable_monitor()
+        self.monitor.close(0)
+        self.socket.close(0)
+        self.socket, self.monitor = self._open()
+        self._reopen_at = None
+        self._restart_round()
 
     def close(self) -> None:
         self.socket.disable_monitor()
@@ -114,6 +130,8 @@ class Delivery:
         self._events()
         self._acks()
         now = time.monotonic()
+        if self._reopen_at is not None and now >= self._reopen_at:
+            self._reopen()
         if self._inflight and now - self._last_progress > self.config.resend_after_s:
             log.info(
                 "no ack for %.1f s: re-sending %d records",
@@ -150,6 +168,8 @@ class Delivery:
             else:
                 self.connected = False
                 self.stats.auth_failures += 1
+                if self._reopen_at is None:
+                    self._reopen_at = time.monotonic() + self.config.auth_retry_s
                 log.error(
                     "the server %s refused the connection (CURVE handshake failed: is this rig's "
                     "public key registered with PATCH /api/v1/rigs/{name}, and is the server key "

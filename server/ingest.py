@@ -58,6 +58,7 @@ from server.db.models import (
 
 log = logging.getLogger("popcontrol.ingest")
 
+ACK_CHUNK = 500  # ids per Ack; 500 UUIDs with the longest statuses stay far below 64 KiB
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 
@@ -651,9 +652,9 @@ def record_from_frames(frames: list[bytes]) -> IngestRecord:
 
 
 def encode_ack(ids: list[str], statuses: list[str], seq: int) -> list[list[bytes]]:
-    """One or more Ack messages (at most ``MAX_ACK_IDS`` ids each)."""
+    """One or more Ack messages, at most ``ACK_CHUNK`` ids each (the header stays < 64 KiB)."""
     out = []
-    step = protocol.MAX_ACK_IDS
+    step = ACK_CHUNK
     for start in range(0, len(ids), step):
         out.append(
             protocol.Ack(

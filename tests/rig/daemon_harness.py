@@ -40,15 +40,33 @@ def presentation_index(presentation_id: str) -> int:
     return uuid.UUID(presentation_id).int - 1
 
 
+def _by_sample(parts: list[np.ndarray], dtype: np.dtype[Any]) -> np.ndarray:
+    if not parts:
+        return np.zeros(0, dtype)
+    merged = np.concatenate(parts)
+    return merged[np.argsort(merged["sample"], kind="stable")]
+
+
 class PlantedSource:
     sample_rate_hz = RATE_HZ
 
-    def __init__(self, n_sites: int, *, chunk_ms: float = 50.0, tail_ms: float = 500.0) -> None:
+    def __init__(
+        self,
+        n_sites: int,
+        *,
+        chunk_ms: float = 50.0,
+        tail_ms: float = 500.0,
+        chunks_per_read: int = 100,
+    ) -> None:
         self.n_sites = n_sites
+        self._chunks_per_read = chunks_per_read
         self._chunk = round(chunk_ms * RATE_HZ / 1000)
         self._tail = round(tail_ms * RATE_HZ / 1000)
         self._pos = 0
         self._target = 0
+        self._idle_target = 0
+        self._last_flip_at = 0.0
+        self.flip_pause_s = 0.05
         self._seq = {"spk": 0, "evt": 0}
         self._active: deque[tuple[int, int, np.ndarray, np.ndarray]] = deque()
 
@@ -67,6 +85,9 @@ class PlantedSource:
     def on_flip(self, flip: protocol.Flip) -> None:
         i = presentation_index(flip.presentation_id)
         word_at = round((OFFSET_S + flip.host_flip_time_s) * RATE_HZ)
+        if not self._active and self._pos == 0 and self._target == 0:
+            # a running acquisition system: its stream starts shortly before the first flip
+            self._pos = self._target = max(0, word_at - round(RATE_HZ))
         if word_at < self._pos:
             return  # the stream is past it: like real data, lost
         onset = word_at + round(PHOTODIODE_LAG_MS * RATE_HZ / 1000)
@@ -92,35 +113,32 @@ class PlantedSource:
         spikes["sample"] = onset + offsets[order]
         spikes["chan"] = sites[order]
         self._active.append((word_at, int(spikes["sample"][-1]) + 1, spikes, events))
-        self._target = max(self._target, onset + round(170 * ms) + self._tail)
+        # While flips keep coming the stream only runs up to the newest word (a later flip can
+        # never find its word already passed); once they pause, it runs on past the window.
+        self._target = max(self._target, word_at)
+        self._idle_target = max(self._idle_target, onset + round(170 * ms) + self._tail)
+        self._last_flip_at = time.monotonic()
 
     def read(self, timeout_ms: int) -> list[protocol.Spikes | protocol.DigitalEvents]:
+        if time.monotonic() - self._last_flip_at > self.flip_pause_s:
+            self._target = max(self._target, self._idle_target)
         if self._pos >= self._target:
             time.sleep(timeout_ms / 1000)  # an idle acquisition system: nothing new yet
             return []
         out: list[protocol.Spikes | protocol.DigitalEvents] = []
-        for _ in range(20):
+        for _ in range(self._chunks_per_read):
             if self._pos >= self._target:
                 break
             a, b = self._pos, min(self._pos + self._chunk, self._target)
-            spk = [
-                s[(s["sample"] >= a) & (s["sample"] < b)]
-                for lo, hi, s, _ in self._active
-                if lo < b and hi > a
-            ]
-            evt = [
-                e[(e["sample"] >= a) & (e["sample"] < b)] for lo, hi, _, e in self._active if lo < b
-            ]
-            spikes = (
-                np.sort(np.concatenate(spk), order="sample", kind="stable")
-                if spk
-                else np.zeros(0, protocol.SPIKE_DTYPE)
-            )
-            events = (
-                np.sort(np.concatenate(evt), order="sample", kind="stable")
-                if evt
-                else np.zeros(0, protocol.EVENT_DTYPE)
-            )
+            near = []
+            for flip in self._active:  # ordered by first sample
+                if flip[0] >= b:
+                    break
+                near.append(flip)
+            spk = [s[(s["sample"] >= a) & (s["sample"] < b)] for _, hi, s, _ in near if hi > a]
+            evt = [e[(e["sample"] >= a) & (e["sample"] < b)] for _, _, _, e in near]
+            spikes = _by_sample(spk, protocol.SPIKE_DTYPE)
+            events = _by_sample(evt, protocol.EVENT_DTYPE)
             out.append(
                 protocol.Spikes(
                     rig="planted",
@@ -163,6 +181,7 @@ def main() -> None:
     p.add_argument("--key-file", type=Path)
     p.add_argument("--status-file", type=Path, required=True)
     p.add_argument("--resend-after-s", type=float, default=2.0)
+    p.add_argument("--auth-retry-s", type=float, default=1.0)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     keys: dict[str, Any] = {}
@@ -185,7 +204,12 @@ def main() -> None:
         rig="rig-1",
         spool_path=args.spool,
         flip_bind=args.flip_bind,
-        delivery=DeliveryConfig(server=args.server, resend_after_s=args.resend_after_s, **keys),
+        delivery=DeliveryConfig(
+            server=args.server,
+            resend_after_s=args.resend_after_s,
+            auth_retry_s=args.auth_retry_s,
+            **keys,
+        ),
         align=AlignConfig(n_sites=1, sample_rate_hz=RATE_HZ, word_line=0, photodiode_line=1),
         status_interval_s=0.2,
     )
