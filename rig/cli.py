@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -61,3 +61,140 @@ def load_key_pair(secret_file: Path) -> tuple[str, str]:
     if secret is None:
         raise ValueError(f"{secret_file} holds no secret key; pass the .key_secret file")
     return public.decode("ascii"), secret.decode("ascii")
+
+
+def rest_layout_provider(http_url: str, token: str) -> Any:
+    """Session id -> SessionLayout from the REST API (session, then its subject's arrays)."""
+    import httpx
+
+    from rig.daemon import SessionLayout, UnknownSession
+
+    headers = {"Authorization": f"Bearer {token}"}
+
+    def layout(session_id: int) -> SessionLayout:
+        with httpx.Client(base_url=http_url, headers=headers, timeout=10.0) as client:
+            r = client.get(f"/api/v1/sessions/{session_id}")
+            if r.status_code == 404:
+                raise UnknownSession(f"the server has no session {session_id}")
+            r.raise_for_status()
+            session = r.json()
+            arrays = client.get("/api/v1/arrays", params={"subject_id": session["subject_id"]})
+            arrays.raise_for_status()
+        n_sites = sum(len(a["sites"]) for a in sorted(arrays.json(), key=lambda a: a["id"]))
+        if n_sites == 0:
+            raise UnknownSession(f"session {session_id}'s subject has no array sites")
+        proto = session.get("protocol") or {}
+        return SessionLayout(
+            n_sites=n_sites,
+            window_start_ms=float(proto.get("response_window_start_ms", 70.0)),
+            window_end_ms=float(proto.get("response_window_end_ms", 170.0)),
+        )
+
+    return layout
+
+
+def rig_command(
+    rig: Annotated[str, typer.Option(help="this rig's name, as registered on the server")],
+    source: Annotated[str, typer.Option(help="sim, openephys or replay")] = "sim",
+    server: Annotated[str, typer.Option(help="the server's ingest")] = "tcp://127.0.0.1:5601",
+    http: Annotated[str, typer.Option(help="the server's REST API")] = "http://127.0.0.1:8000",
+    token: Annotated[str, typer.Option(envvar="POPCONTROL_RIG_TOKEN", help="rig API token")] = "",
+    key: Annotated[Path, typer.Option(help="this rig's NAME.key_secret")] = Path(
+        "var/keys/rig.key_secret"
+    ),
+    server_key: Annotated[
+        str, typer.Option(envvar="POPCONTROL_CURVE_PUBLIC_KEY", help="server public key (Z85)")
+    ] = "",
+    insecure: Annotated[bool, typer.Option(help="no CurveZMQ (loopback development)")] = False,
+    flip_bind: Annotated[str, typer.Option(help="ROUTER for the presenter")] = (
+        "tcp://127.0.0.1:5610"
+    ),
+    spool: Annotated[Path, typer.Option(help="durable outbox")] = Path("var/rig/spool.db"),
+    record: Annotated[Path | None, typer.Option(help="also write the native stream here")] = None,
+    replay_file: Annotated[Path | None, typer.Option(help="recording for --source replay")] = None,
+    openephys: Annotated[str, typer.Option(help="Open Ephys ZMQ plugin PUB")] = (
+        "tcp://127.0.0.1:5556"
+    ),
+    sim_seed: Annotated[int, typer.Option(help="virtual monkey seed")] = 0,
+    sim_day: Annotated[int, typer.Option(help="virtual monkey recording day (drift)")] = 0,
+    real_time: Annotated[bool, typer.Option(help="sim paced to the wall clock")] = False,
+) -> None:
+    """Run the rig daemon: presenter flips + acquisition -> aligned records -> server."""
+    import logging
+    import signal
+
+    from rig.align import AlignConfig
+    from rig.daemon import DaemonConfig, RigDaemon, StatusPrinter, StreamSource
+    from rig.delivery import DeliveryConfig
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not token:
+        typer.echo("error: --token (or POPCONTROL_RIG_TOKEN) is needed for the REST API", err=True)
+        raise typer.Exit(code=2)
+    keys: dict[str, Any] = {}
+    if not insecure:
+        if not server_key:
+            typer.echo("error: --server-key is needed (or --insecure)", err=True)
+            raise typer.Exit(code=2)
+        public, secret = load_key_pair(key)
+        keys = {"server_public_key": server_key, "rig_public_key": public, "rig_secret_key": secret}
+    src: StreamSource
+    if source == "sim":
+        import httpx
+        import numpy as np
+        from PIL import Image
+
+        from rig.sim.monkey import MonkeyConfig
+        from rig.sources.sim import SimSource, SimSourceConfig
+
+        def load_image(stimulus_id: str) -> np.ndarray:
+            import io
+
+            r = httpx.get(
+                f"{http}/api/v1/stimuli/{stimulus_id}/image",
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=30.0,
+            )
+            r.raise_for_status()
+            img = Image.open(io.BytesIO(r.content)).convert("L")
+            return np.asarray(img, dtype=np.float32) / 255.0  # (H, W) in [0, 1]
+
+        src = SimSource(
+            SimSourceConfig(
+                monkey=MonkeyConfig(seed=sim_seed, day=sim_day), real_time=real_time, rig=rig
+            ),
+            load_image,
+        )
+    elif source == "openephys":
+        from rig.sources.openephys import OpenEphysConfig, OpenEphysSource
+
+        src = OpenEphysSource(OpenEphysConfig(endpoint=openephys, rig=rig))
+    elif source == "replay":
+        from rig.sources.replay import ReplaySource
+
+        if replay_file is None:
+            typer.echo("error: --source replay needs --replay-file", err=True)
+            raise typer.Exit(code=2)
+        src = ReplaySource(replay_file)
+    else:
+        typer.echo(f"error: unknown --source {source!r}; use sim, openephys or replay", err=True)
+        raise typer.Exit(code=2)
+    recorder = None
+    if record is not None:
+        from rig.sources.replay import Recorder
+
+        recorder = Recorder(record)
+    config = DaemonConfig(
+        rig=rig,
+        spool_path=spool,
+        flip_bind=flip_bind,
+        delivery=DeliveryConfig(server=server, **keys),
+        align=AlignConfig(n_sites=1, sample_rate_hz=src.sample_rate_hz, rig=rig),
+    )
+    daemon = RigDaemon(config, src, rest_layout_provider(http, token), recorder=recorder)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    try:
+        daemon.run(status=StatusPrinter())
+    finally:
+        daemon.close()

@@ -187,6 +187,10 @@ class RigDaemon:
         self._presenter()
         self._retry_waiting()
         messages = self.source.read(self.config.read_timeout_ms)
+        read_control = getattr(self.source, "read_control", None)
+        if read_control is not None:  # a replay carries its presenter messages
+            for msg in read_control():
+                self._apply(msg)
         if messages:
             self._stream(messages)
         self._finalise()
@@ -213,6 +217,8 @@ class RigDaemon:
                     self.counters.presenter_rejected["unexpected_message"] += 1
                 continue
             received.append((identity, frames, msg))
+            if self.recorder is not None:
+                self.recorder.write(frames)
         if not received:
             return
         fresh = self.spool.put_inbox_many([(protocol.ack_key(m), f) for _, f, m in received])

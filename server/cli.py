@@ -205,8 +205,9 @@ def demo(
         _fail(str(exc))
 
 
-from rig.cli import rig_keygen_command  # noqa: E402  (typer + stdlib only)
+from rig.cli import rig_command, rig_keygen_command  # noqa: E402  (typer + stdlib only)
 
+app.command("rig")(rig_command)
 app.command("rig-keygen")(rig_keygen_command)
 
 
