@@ -135,6 +135,7 @@ class RigDaemon:
         self._ack_seq = 0
         self._stop = threading.Event()
         self._started = False
+        self._fixb_swept_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -360,9 +361,12 @@ class RigDaemon:
                     self.counters.invalid[str(record.invalid_reason)] += 1
         if items:
             self.spool.put_many(items, forget_inbox=[pid for pid, _ in items])
-        cutoff = time.time() - self.config.forget_fixation_breaks_after_s
-        if self.counters.finalised and self._record_seq % 1000 == 0:
-            self.spool.forget_inbox_before(cutoff, "fixb:")
+        now = time.time()
+        if now - self._fixb_swept_at > 60.0:  # fixation breaks are kept a while, then dropped
+            self._fixb_swept_at = now
+            self.spool.forget_inbox_before(
+                now - self.config.forget_fixation_breaks_after_s, "fixb:"
+            )
 
     # -- status ------------------------------------------------------------------------------
 
