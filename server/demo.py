@@ -50,15 +50,16 @@ class DemoConfig:
     seed: int = 0
     n_arrays: int = 3
     channels_per_array: int = 32
-    n_natural: int = 160
-    n_normalizers: int = 12
+    n_natural: int = 400
+    n_normalizers: int = 16
     natural_repetitions: int = 8
-    normalizer_repetitions: int = 4
+    normalizer_repetitions: int = 6
     image_px: int = 128
     input_size: int = 128  # backbone input size for fitting and synthesis
-    max_epochs: int | None = 60
+    readout: str = "ridge"  # at a few hundred images ridge beats the factorized readout here
     ensemble: int = 1
     max_targets: int = 12
+    min_ncev: float = 0.1
     synth_steps: int = 120
     synth_candidates: int = 2
     images_per_target: int = 1
@@ -66,6 +67,7 @@ class DemoConfig:
     reference_count: int = 40
     reference_repetitions: int = 8
     break_rate: float = 0.03
+    torch_threads: int = 1  # the server, rig and presenter threads share this process's cores
 
     @classmethod
     def for_mode(cls, days: int, fast: bool, seed: int = 0) -> DemoConfig:
@@ -76,18 +78,13 @@ class DemoConfig:
             seed=seed,
             n_arrays=2,
             channels_per_array=24,
-            n_natural=96,
-            n_normalizers=8,
+            n_natural=300,
             natural_repetitions=6,
-            normalizer_repetitions=3,
-            image_px=96,
-            input_size=96,
-            max_epochs=40,
+            normalizer_repetitions=5,
             max_targets=8,
             synth_steps=60,
-            synth_candidates=2,
-            synthetic_repetitions=6,
             reference_count=24,
+            synthetic_repetitions=6,
             reference_repetitions=6,
         )
 
@@ -334,13 +331,14 @@ class Demo:
         loop_params = {
             "fit": {
                 "input_size": cfg.input_size,
-                "max_epochs": cfg.max_epochs,
+                "readout": cfg.readout,
                 "n_members": cfg.ensemble,
                 "cv_folds": 4,
                 "seed": cfg.seed,
             },
             "synthesize": {
                 "max_targets": cfg.max_targets,
+                "min_ncev": cfg.min_ncev,
                 "steps": cfg.synth_steps,
                 "n_candidates": cfg.synth_candidates,
                 "images_per_target": cfg.images_per_target,
@@ -534,12 +532,14 @@ class Demo:
     # -- all days -------------------------------------------------------------------------
 
     def run(self) -> list[DaySummary]:
+        import torch
         import zmq
 
         from rig.present.headless import VirtualClock
         from server.db.session import upgrade
 
         started = time.monotonic()
+        torch.set_num_threads(self.cfg.torch_threads)
         if self.var.exists():
             shutil.rmtree(self.var)
         self.var.mkdir(parents=True)
