@@ -145,8 +145,7 @@ class Setup:
                 str(self.world.session_id),
                 "--n-sites",
                 str(self.world.n_sites),
-                "--server-key",
-                self.server_keys[0].decode(),
+                f"--server-key={self.server_keys[0].decode()}",  # a Z85 key may start with "-"
                 "--key-file",
                 str(self.key_file),
                 "--status-file",

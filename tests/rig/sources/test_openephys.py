@@ -218,6 +218,10 @@ def run_source(
                 next_flip += 1
             for rec in aligner.finalize_ready(source.stream_position()):
                 out[rec.presentation_id] = rec
+        # keep reading briefly so a heartbeat sent near the end gets its reply counted
+        deadline = time.monotonic() + 5
+        while source.counters.heartbeat_replies == 0 and time.monotonic() < deadline:
+            source.read(20)
     finally:
         source.stop()
         stop.set()
