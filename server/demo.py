@@ -60,7 +60,8 @@ class DemoConfig:
     ensemble: int = 1
     max_targets: int = 12
     min_ncev: float = 0.1
-    synth_steps: int = 120
+    synth_steps: int = 60
+    synth_start: str = "image"  # "image": the target's best natural image; or "noise"
     synth_candidates: int = 2
     images_per_target: int = 1
     synthetic_repetitions: int = 8
@@ -82,7 +83,6 @@ class DemoConfig:
             natural_repetitions=6,
             normalizer_repetitions=5,
             max_targets=8,
-            synth_steps=60,
             reference_count=24,
             synthetic_repetitions=6,
             reference_repetitions=6,
@@ -344,6 +344,9 @@ class Demo:
                 "images_per_target": cfg.images_per_target,
                 "size_px": cfg.image_px,
                 "seed": cfg.seed,
+                # Start each target from its best natural image: with a randomly initialised
+                # backbone the model is trustworthy only near natural images.
+                "synthesis": {"start": cfg.synth_start, "start_noise": 0.1},
             },
             "synthetic_repetitions": cfg.synthetic_repetitions,
             "reference_count": cfg.reference_count,

@@ -8,7 +8,7 @@ from typing import Literal
 from models.synthesis.transforms import JitterConfig
 
 Parameterization = Literal["pixel", "fourier"]
-Start = Literal["noise", "rf_noise"]
+Start = Literal["noise", "rf_noise", "image"]
 Optimizer = Literal["normgrad", "adam"]
 
 
@@ -25,7 +25,10 @@ class SynthesisConfig:
     size_px: int = 128
     color: bool = False  # False: (batch, 1, H, W) grayscale; True: RGB
     parameterization: Parameterization = "pixel"
-    start: Start = "noise"  # "rf_noise": noise masked by the target's readout mask
+    # "rf_noise": noise masked by the target's readout mask; "image": a given image per target
+    # (e.g. its best natural image) plus uniform noise of amplitude start_noise
+    start: Start = "noise"
+    start_noise: float = 0.1
     steps: int = 200  # maximum steps; all of them unless plateau_patience_steps is set
     lr: float = 0.01  # normgrad: pixel step per unit of grad/std(grad); adam: its lr
     optimizer: Optimizer = "normgrad"
@@ -75,7 +78,11 @@ class SynthesisConfig:
                 "plateau_patience_steps must be >= 1 or None",
             ),
             (self.parameterization in ("pixel", "fourier"), "parameterization: pixel|fourier"),
-            (self.start in ("noise", "rf_noise"), "start must be 'noise' or 'rf_noise'"),
+            (
+                self.start in ("noise", "rf_noise", "image"),
+                "start must be 'noise', 'rf_noise' or 'image'",
+            ),
+            (0 <= self.start_noise <= 1, f"start_noise must be in [0, 1], got {self.start_noise}"),
             (self.optimizer in ("normgrad", "adam"), "optimizer must be 'normgrad' or 'adam'"),
         ]
         for weight in (

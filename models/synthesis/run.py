@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -103,6 +103,7 @@ def synthesize(
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
     model_id: str = "",
+    start_images: Mapping[int, Tensor] | None = None,
 ) -> list[SynthesizedImage]:
     """Synthesize ``config.keep_k`` images per target site, best first, targets in order.
 
@@ -114,6 +115,9 @@ def synthesize(
         when given, each result carries the best natural image's score for comparison.
     device: must be the encoder's device (move the encoder first); None means the encoder's.
     progress: called as progress(step, total) after every optimisation step.
+    start_images: with ``config.start == "image"``, one (C, H, W) image in [0, 1] per target
+        site at ``size_px`` (e.g. the target's best natural image); each candidate starts from
+        it plus uniform noise of amplitude ``config.start_noise``.
     """
     cfg = config if config is not None else SynthesisConfig()
     run_device = _check_device(encoder, device)
@@ -128,6 +132,7 @@ def synthesize(
             )
         optimised = ensemble(named, cfg.ensemble_spread_weight)
     _check_inputs(encoder, targets, optimised, cfg, natural_stats)
+    starts_by_target = _check_start_images(targets, cfg, start_images)
     masks = _rf_masks(encoder, cfg) if cfg.start == "rf_noise" else None
     columns = {site: col for col, site in enumerate(encoder.site_ids)}
 
@@ -157,6 +162,7 @@ def synthesize(
                 cfg,
                 run_device,
                 on_step,
+                starts_by_target,
             )
             finals.extend(
                 _finish_chunk(
@@ -280,6 +286,38 @@ def _check_inputs(
         )
 
 
+def _check_start_images(
+    targets: list[int], cfg: SynthesisConfig, start_images: Mapping[int, Tensor] | None
+) -> dict[int, Tensor] | None:
+    """The start image of every target as a float (C, size_px, size_px) tensor, or None."""
+    if cfg.start != "image":
+        if start_images is not None:
+            raise ValueError("start_images were given but config.start is not 'image'")
+        return None
+    if start_images is None:
+        raise ValueError(
+            "config.start='image' needs start_images: one (C, H, W) image in [0, 1] per target"
+        )
+    missing = [t for t in targets if t not in start_images]
+    if missing:
+        raise ValueError(f"no start image for target site(s) {missing}")
+    want = (cfg.channels, cfg.size_px, cfg.size_px)
+    out: dict[int, Tensor] = {}
+    for t in targets:
+        image = torch.as_tensor(start_images[t], dtype=torch.float32).cpu()
+        if image.ndim == 2:
+            image = image[None]
+        if tuple(image.shape) != want:
+            raise ValueError(
+                f"start image of site {t} has shape {tuple(image.shape)}; expected {want} "
+                "(channels, size_px, size_px)"
+            )
+        if not bool(torch.isfinite(image).all()) or image.min() < 0 or image.max() > 1:
+            raise ValueError(f"start image of site {t} must be finite and within [0, 1]")
+        out[t] = image
+    return out
+
+
 def _rf_masks(encoder: EncoderLike, cfg: SynthesisConfig) -> Tensor:
     masks = encoder.spatial_masks()
     if masks is None:
@@ -300,15 +338,20 @@ def _optimize_chunk(
     cfg: SynthesisConfig,
     device: torch.device,
     on_step: Callable[[int], None],
+    start_images: Mapping[int, Tensor] | None = None,
 ) -> BatchResult:
     """Optimise one chunk; on CUDA out-of-memory, split it in halves and retry."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     starts = []
     for (target, _), gen in zip(jobs, generators, strict=True):
         noise = noise_start(gen, cfg.channels, cfg.size_px)  # (C, H, W)
-        starts.append(
-            rf_masked_start(noise, masks[columns[target]]) if masks is not None else noise
-        )
+        if start_images is not None:
+            image = start_images[target]
+            starts.append((image + cfg.start_noise * (noise - 0.5)).clamp(0.0, 1.0))
+        elif masks is not None:
+            starts.append(rf_masked_start(noise, masks[columns[target]]))
+        else:
+            starts.append(noise)
     start = torch.stack(starts).to(device)  # (batch, C, H, W)
     target_col = torch.tensor([columns[t] for t, _ in jobs], device=device)
     try:
@@ -320,10 +363,28 @@ def _optimize_chunk(
     half = len(jobs) // 2
     # generators were advanced; rebuild them from the seeds inside the recursive calls
     first = _optimize_chunk(
-        encoder, objective, jobs[:half], seeds[:half], columns, masks, cfg, device, on_step
+        encoder,
+        objective,
+        jobs[:half],
+        seeds[:half],
+        columns,
+        masks,
+        cfg,
+        device,
+        on_step,
+        start_images,
     )
     second = _optimize_chunk(
-        encoder, objective, jobs[half:], seeds[half:], columns, masks, cfg, device, on_step
+        encoder,
+        objective,
+        jobs[half:],
+        seeds[half:],
+        columns,
+        masks,
+        cfg,
+        device,
+        on_step,
+        start_images,
     )
     steps = max(first.trace.shape[0], second.trace.shape[0])
     return BatchResult(

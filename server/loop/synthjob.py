@@ -142,8 +142,12 @@ def compute(
     device: str = "cpu",
     job_id: int | None = None,
     progress: ProgressFn | None = None,
+    start_stimuli: Mapping[int, str] | None = None,
 ) -> SynthOutcome:
-    """Load the model, synthesize, write the PNG blobs; nothing is written to the database."""
+    """Load the model, synthesize, write the PNG blobs; nothing is written to the database.
+
+    ``start_stimuli`` (site id -> stimulus id, see ``best_natural_stimuli``) is used when the
+    synthesis settings ask for ``start: "image"``: each target starts from that image."""
     from models.artifact import load_encoder
     from models.synthesis import SynthesisConfig, synthesize
 
@@ -167,6 +171,7 @@ def compute(
         config = SynthesisConfig(**base)
     except (TypeError, ValueError) as exc:
         raise JobError(f"bad synthesis settings {params.synthesis}: {exc}") from None
+    starts = _start_images(config, targets, start_stimuli, blobs)
     images: list[tuple[CanonicalImage, dict[str, Any]]] = []
     for k, kind in enumerate(params.objectives):
 
@@ -184,12 +189,88 @@ def compute(
             device=device,
             progress=on_step,
             model_id=str(model.id),
+            start_images=starts,
         )
         for image in results:
             canonical = canonicalize(image.png)
             blobs.put(canonical.sha256, canonical.png)
-            images.append((canonical, _provenance(image, model, kind, job_id)))
+            provenance = _provenance(image, model, kind, job_id)
+            if starts is not None and start_stimuli is not None:
+                provenance["start_stimulus_id"] = start_stimuli[image.target_site]
+            images.append((canonical, provenance))
     return SynthOutcome(model.id, model.subject_id, targets, images)
+
+
+def best_natural_stimuli(db: Session, subject_id: int) -> dict[int, str]:
+    """Per site, the natural image with the highest mean measured response over the subject's
+    completed sessions (the start of ``start: "image"`` synthesis)."""
+    import numpy as np
+
+    from server.db.models import RecordingSession, SessionState, Stimulus, StimulusKind
+    from server.sessions.service import response_matrix
+
+    session_ids = list(
+        db.scalars(
+            select(RecordingSession.id).where(
+                RecordingSession.subject_id == subject_id,
+                RecordingSession.state == SessionState.completed.value,
+            )
+        )
+    )
+    if not session_ids:
+        return {}
+    matrix = response_matrix(db, session_ids)
+    natural = set(
+        db.scalars(
+            select(Stimulus.id).where(
+                Stimulus.id.in_(set(matrix.stimulus_ids)),
+                Stimulus.kind == StimulusKind.natural.value,
+            )
+        )
+    )
+    order = sorted(natural)
+    if not order:
+        return {}
+    index_of = {sid: i for i, sid in enumerate(order)}
+    rows = [i for i, sid in enumerate(matrix.stimulus_ids) if sid in natural]
+    stim = np.array([index_of[matrix.stimulus_ids[i]] for i in rows], dtype=np.int64)
+    sums = np.zeros((len(order), len(matrix.site_ids)))
+    np.add.at(sums, stim, matrix.counts[rows].astype(np.float64))
+    means = sums / np.maximum(np.bincount(stim, minlength=len(order)), 1)[:, None]
+    best = np.argmax(means, axis=0)  # (sites,)
+    return {site: order[int(best[c])] for c, site in enumerate(matrix.site_ids)}
+
+
+def _start_images(
+    config: Any,
+    targets: list[int],
+    start_stimuli: Mapping[int, str] | None,
+    blobs: BlobStore,
+) -> dict[int, Any] | None:
+    """Each target's start image as a (1, size_px, size_px) tensor, when the config asks."""
+    if config.start != "image":
+        return None
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    missing = [t for t in targets if not start_stimuli or t not in start_stimuli]
+    if missing:
+        raise JobError(
+            f"start 'image' needs a natural image with recorded responses for sites {missing}"
+        )
+    assert start_stimuli is not None
+    out: dict[int, Any] = {}
+    for t in targets:
+        with Image.open(io.BytesIO(blobs.get(start_stimuli[t]))) as img:
+            gray = img.convert("L").resize(
+                (config.size_px, config.size_px), Image.Resampling.BILINEAR
+            )
+            pixels = np.asarray(gray, dtype=np.float32) / 255.0
+        out[t] = torch.from_numpy(pixels)[None]
+    return out
 
 
 def store(
@@ -234,6 +315,10 @@ def store(
     return stimulus_set
 
 
+def _wants_image_start(params: SynthParams) -> bool:
+    return params.synthesis.get("start") == "image"
+
+
 def _model(db: Session, model_id: int) -> NeuronModel:
     model = db.get(NeuronModel, model_id)
     if model is None:
@@ -258,7 +343,8 @@ def synthesize_for_model(
     p = params or SynthParams()
     with transaction(factory) as db:
         model = _model(db, model_id)
-    outcome = compute(model, p, blobs, device=device, progress=progress)
+        starts = best_natural_stimuli(db, model.subject_id) if _wants_image_start(p) else None
+    outcome = compute(model, p, blobs, device=device, progress=progress, start_stimuli=starts)
     with transaction(factory) as db:
         name = set_name or p.set_name or f"synthetic-model{model_id}-seed{p.seed}"
         return store(db, blobs, outcome, set_name=name).id
@@ -279,9 +365,16 @@ def synthesize_handler(ctx: JobContext) -> Committer:
                 "a synthesize job needs a model: set params.model_id, or depend on a fit job"
             )
         model = _model(db, int(model_id))
+        starts = best_natural_stimuli(db, model.subject_id) if _wants_image_start(params) else None
     ctx.progress(0.02, f"synthesizing with model {model.id}")
     outcome = compute(
-        model, params, ctx.blobs, device=ctx.device, job_id=ctx.job.id, progress=ctx.progress
+        model,
+        params,
+        ctx.blobs,
+        device=ctx.device,
+        job_id=ctx.job.id,
+        progress=ctx.progress,
+        start_stimuli=starts,
     )
     if params.pause_before_commit_s > 0 and ctx.job.attempts == 1:
         ctx.progress(0.95, f"holding results {params.pause_before_commit_s:.0f} s before commit")

@@ -250,3 +250,39 @@ def test_response_variation_and_jitter_copies_run(toy_with_stats: ToyEncoder) ->
     (result,) = synthesize(toy_with_stats, [104], "stretch", cfg)
     assert decode_png(result.png).shape == (3, 32, 32)
     assert result.trace[-1] > result.trace[0]
+
+
+def test_image_start_begins_at_the_given_image_and_improves_on_it(toy: ToyEncoder) -> None:
+    starts = natural_like_images(2, seed=7)  # (2, 1, 32, 32)
+    given = {100: starts[0], 103: starts[1]}
+    few = SynthesisConfig(
+        size_px=32,
+        steps=3,
+        lr=0.005,
+        shift_frac=0.0,
+        match_luminance=False,
+        start="image",
+        start_noise=0.0,
+    )
+    results = synthesize(toy, [100, 103], "stretch", few, start_images=given)
+    for result in results:
+        image = decode_png(result.png)[0]
+        assert corr(image, given[result.target_site][0]) > 0.9  # a few steps stay close to it
+        assert result.trace[-1] > result.trace[0]  # and they raise the target's prediction
+    again = synthesize(toy, [100, 103], "stretch", few, start_images=given)
+    assert [r.png for r in again] == [r.png for r in results]
+
+
+def test_image_start_needs_an_image_per_target(toy: ToyEncoder) -> None:
+    cfg = SynthesisConfig(size_px=32, steps=2, match_luminance=False, start="image")
+    image = natural_like_images(1, seed=7)[0]
+    with pytest.raises(ValueError, match="needs start_images"):
+        synthesize(toy, [100], "stretch", cfg)
+    with pytest.raises(ValueError, match="no start image for target"):
+        synthesize(toy, [100, 103], "stretch", cfg, start_images={100: image})
+    with pytest.raises(ValueError, match="expected"):
+        synthesize(toy, [100], "stretch", cfg, start_images={100: image[:, :16]})
+    with pytest.raises(ValueError, match="config.start is not 'image'"):
+        synthesize(toy, [100], "stretch", NO_JITTER, start_images={100: image})
+    with pytest.raises(ValueError, match="start_noise"):
+        SynthesisConfig(start="image", start_noise=2.0)
