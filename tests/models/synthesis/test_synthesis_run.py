@@ -282,7 +282,7 @@ def test_image_start_needs_an_image_per_target(toy: ToyEncoder) -> None:
         synthesize(toy, [100, 103], "stretch", cfg, start_images={100: image})
     with pytest.raises(ValueError, match="expected"):
         synthesize(toy, [100], "stretch", cfg, start_images={100: image[:, :16]})
-    with pytest.raises(ValueError, match="config.start is not 'image'"):
+    with pytest.raises(ValueError, match=r"config\.start is not 'image'"):
         synthesize(toy, [100], "stretch", NO_JITTER, start_images={100: image})
     with pytest.raises(ValueError, match="start_noise"):
         SynthesisConfig(start="image", start_noise=2.0)
