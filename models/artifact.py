@@ -19,7 +19,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from models.backbones import Backbone, load_backbone, seed_from_weights_id
+from models.backbones import (
+    FIXED_WEIGHTS_PREFIX,
+    Backbone,
+    load_backbone,
+    seed_from_weights_id,
+)
 from models.encoder import Encoder
 from models.features import Trunk
 from models.readouts import FactorizedReadout, Readout, RidgeReadout
@@ -126,6 +131,8 @@ def load_encoder(
     description = read_metadata(path)
     recorded_id = description["backbone_id"]
     recorded_hash = description["weights_sha256"]
+    if backbone is None and weights is None and recorded_hash.startswith(FIXED_WEIGHTS_PREFIX):
+        backbone = load_backbone(recorded_id)
     if backbone is None:
         seed = seed_from_weights_id(recorded_hash) if weights is None else 0
         if weights is None and seed is None:

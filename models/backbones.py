@@ -6,6 +6,11 @@ Specs accepted by :func:`load_backbone`:
   keys equal torchvision's AlexNet (``features.0.weight`` ... ``classifier.6.bias``), so an
   ImageNet checkpoint saved by torchvision loads with ``weights=PATH``. Layers: ``conv1`` ..
   ``conv5`` (after ReLU), ``pool1``, ``pool2``, ``pool5``, ``fc6``, ``fc7`` (after ReLU), ``fc8``.
+* ``"v1"``: built in and fixed (nothing learned, so nothing to download): a V1-like front end of
+  quadrature Gabor pairs (8 orientations, 4 octave-spaced scales on an image pyramid). Layers:
+  ``simple`` (half-wave rectified even/odd responses) and ``complex`` (phase-invariant energy),
+  both on a grid of ``input_size / 4``. A classic baseline for early and mid-level visual
+  cortex, and the one backbone whose features mean something without a weights file.
 * ``"torchvision:NAME"`` / ``"timm:NAME"``: only when that package is importable; layer names are
   the network's module names (``dict(net.named_modules())``).
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,10 +31,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 RANDOM_WEIGHTS_PREFIX = "random-seed-"
+FIXED_WEIGHTS_PREFIX = "fixed-"
 
 
 class RandomWeightsWarning(UserWarning):
@@ -69,6 +77,91 @@ class AlexNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.avgpool(self.features(x))
         return self.classifier(torch.flatten(x, 1))
+
+
+class V1FilterBank(nn.Module):
+    """Fixed quadrature Gabor filters on an image pyramid (see the module docstring).
+
+    Each scale halves the image (binomial blur, then 2x2 average) and applies the same bank:
+    wavelength ``wavelength_px`` at scale 0, Gaussian envelope of sd 0.56 wavelengths (about one
+    octave of bandwidth). Outputs of every scale are resampled to a grid of 1 / ``grid_stride``
+    of the input and stacked: ``complex`` has n_scales x n_orientations channels (scale-major),
+    ``simple`` four times as many (+even, -even, +odd, -odd).
+    """
+
+    layers: tuple[str, ...] = ("simple", "complex")
+    kernels: Tensor
+    blur: Tensor
+
+    def __init__(
+        self,
+        n_orientations: int = 8,
+        n_scales: int = 4,
+        wavelength_px: float = 4.0,
+        kernel_px: int = 11,
+        grid_stride: int = 4,
+    ) -> None:
+        super().__init__()
+        self.n_orientations = n_orientations
+        self.n_scales = n_scales
+        self.grid_stride = grid_stride
+        half = kernel_px // 2
+        coords = torch.arange(-half, half + 1, dtype=torch.float64)
+        y, x = torch.meshgrid(coords, coords, indexing="ij")
+        sigma = 0.56 * wavelength_px
+        even, odd = [], []
+        for k in range(n_orientations):
+            theta = torch.pi * k / n_orientations
+            along = x * math.cos(theta) + y * math.sin(theta)
+            envelope = torch.exp(-(x**2 + y**2) / (2 * sigma**2))
+            carrier = 2 * torch.pi * along / wavelength_px
+            e = envelope * torch.cos(carrier)
+            e = e - envelope * (e.sum() / envelope.sum())  # zero mean: blind to luminance
+            o = envelope * torch.sin(carrier)
+            even.append(e / e.norm())
+            odd.append(o / o.norm())
+        bank = torch.stack(even + odd)[:, None]  # (2 * orientations, 1, k, k)
+        self.register_buffer("kernels", bank.float())
+        binomial = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("blur", (torch.outer(binomial, binomial) / 16)[None, None])
+
+    def features(self, x: Tensor, layer: str) -> Tensor:
+        """(batch, C, S, S) normalised images -> (batch, channels, S / stride, S / stride)."""
+        image = x.mean(dim=1, keepdim=True)
+        size = (max(1, x.shape[-2] // self.grid_stride), max(1, x.shape[-1] // self.grid_stride))
+        pad = self.kernels.shape[-1] // 2
+        n = self.n_orientations
+        out = []
+        for scale in range(self.n_scales):
+            if scale > 0:
+                image = F.conv2d(F.pad(image, (1, 1, 1, 1), mode="replicate"), self.blur)
+                image = F.avg_pool2d(image, 2)
+            r = F.conv2d(F.pad(image, (pad,) * 4, mode="replicate"), self.kernels)
+            even, odd = r[:, :n], r[:, n:]
+            if layer == "complex":
+                maps = torch.sqrt(even**2 + odd**2 + 1e-6)
+            else:
+                maps = torch.cat([F.relu(even), F.relu(-even), F.relu(odd), F.relu(-odd)], dim=1)
+            if maps.shape[-2:] != size:
+                if maps.shape[-2] >= size[0]:
+                    maps = F.adaptive_avg_pool2d(maps, size)
+                else:
+                    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+            out.append(maps)
+        return torch.cat(out, dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x, "complex")
+
+
+class _V1Layer(nn.Module):
+    def __init__(self, bank: V1FilterBank, layer: str) -> None:
+        super().__init__()
+        self.bank = bank
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bank.features(x, self.layer)
 
 
 # layer name -> (section, number of leading modules of that section to run)
@@ -160,6 +253,8 @@ class Backbone:
     def truncated(self, layer: str) -> nn.Module:
         self.check_layer(layer)
         net = self.network
+        if isinstance(net, V1FilterBank):
+            return _V1Layer(net, layer).eval().requires_grad_(False)
         if isinstance(net, AlexNet):
             section, count = _ALEXNET_LAYERS[layer]
             if section == "features":
@@ -187,6 +282,15 @@ def weights_sha256(weights: str | Path | None, seed: int = 0) -> str:
     if weights is None:
         return f"{RANDOM_WEIGHTS_PREFIX}{seed}"
     return file_sha256(weights)
+
+
+def fixed_weights_id(network: nn.Module) -> str:
+    """Identity of a fixed backbone: ``fixed-`` + sha256 of its buffers (the filters)."""
+    digest = hashlib.sha256()
+    for name, buffer in sorted(network.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(buffer.detach().cpu().float().contiguous().numpy().tobytes())
+    return f"{FIXED_WEIGHTS_PREFIX}{digest.hexdigest()}"
 
 
 def seed_from_weights_id(weights_id: str) -> int | None:
@@ -241,6 +345,8 @@ def _import_optional(package: str, spec: str) -> Any:
 def _build(spec: str) -> tuple[nn.Module, tuple[float, float, float], tuple[float, float, float]]:
     if spec == "alexnet":
         return AlexNet(), IMAGENET_MEAN, IMAGENET_STD
+    if spec == "v1":
+        return V1FilterBank(), IMAGENET_MEAN, IMAGENET_STD
     if spec.startswith("torchvision:"):
         tv_models = _import_optional("torchvision", spec).models
         return tv_models.get_model(spec.split(":", 1)[1], weights=None), IMAGENET_MEAN, IMAGENET_STD
@@ -251,16 +357,31 @@ def _build(spec: str) -> tuple[nn.Module, tuple[float, float, float], tuple[floa
         mean = tuple(cfg.get("mean", IMAGENET_MEAN))
         std = tuple(cfg.get("std", IMAGENET_STD))
         return net, (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])
-    raise ValueError(f"unknown backbone {spec!r}; use 'alexnet', 'torchvision:NAME' or 'timm:NAME'")
+    raise ValueError(
+        f"unknown backbone {spec!r}; use 'alexnet', 'v1', 'torchvision:NAME' or 'timm:NAME'"
+    )
 
 
 def load_backbone(
     spec: str = "alexnet", weights: str | Path | None = None, seed: int = 0
 ) -> Backbone:
-    """Build a frozen backbone; load ``weights`` from a local file or initialise from ``seed``."""
+    """Build a frozen backbone; load ``weights`` from a local file or initialise from ``seed``.
+    A fixed backbone (``v1``) takes no weights and ignores ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         network, mean, std = _build(spec)
+    if isinstance(network, V1FilterBank):
+        if weights is not None:
+            raise ValueError(f"backbone {spec!r} is fixed (nothing learned); it takes no weights")
+        return Backbone(
+            backbone_id=spec,
+            weights_sha256=fixed_weights_id(network),
+            network=network,
+            layer_names=V1FilterBank.layers,
+            default_layer="complex",
+            mean=mean,
+            std=std,
+        )
     if weights is not None:
         _load_weights(network, spec, weights)
     else:

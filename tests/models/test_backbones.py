@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from models.backbones import (
     AlexNet,
     Backbone,
     RandomWeightsWarning,
+    V1FilterBank,
     file_sha256,
     load_backbone,
     weights_sha256,
@@ -120,3 +122,49 @@ def test_grayscale_equals_replicated_rgb(alexnet: Backbone) -> None:
         trunk(torch.rand(1, 1, 16, 16))
     with pytest.raises(ValueError, match=r"\(batch, 1, H, W\)"):
         trunk(torch.rand(1, 2, 64, 64))
+
+
+def _grating(
+    orientation: float, wavelength_px: float, phase: float, size: int = 128
+) -> torch.Tensor:
+    y, x = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    along = x * math.cos(orientation) + y * math.sin(orientation)
+    return (0.5 + 0.4 * torch.cos(2 * math.pi * along / wavelength_px + phase))[None, None]
+
+
+def test_v1_bank_is_fixed_and_takes_no_weights(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is random, so no RandomWeightsWarning
+        first, second = load_backbone("v1"), load_backbone("v1", seed=7)
+    assert first.weights_sha256 == second.weights_sha256
+    assert first.weights_sha256.startswith("fixed-") and len(first.weights_sha256) == 6 + 64
+    assert first.layer_names == ("simple", "complex") and first.default_layer == "complex"
+    with pytest.raises(ValueError, match=r"fixed .*takes no weights"):
+        load_backbone("v1", tmp_path / "lab.pth")
+    with pytest.raises(ValueError, match=r"unknown layer 'conv3'.*simple, complex"):
+        Trunk(first, "conv3")
+
+
+def test_v1_layer_shapes() -> None:
+    backbone = load_backbone("v1")
+    images = torch.rand(2, 1, 96, 96)
+    complex_ = Trunk(backbone, "complex", 128)(images)
+    simple = Trunk(backbone, "simple", 128)(images)
+    bank = V1FilterBank()
+    assert complex_.shape == (2, bank.n_scales * bank.n_orientations, 32, 32)
+    assert simple.shape == (2, 4 * bank.n_scales * bank.n_orientations, 32, 32)
+    assert bool((complex_ > 0).all()) and bool((simple >= 0).all())
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_v1_complex_cells_prefer_their_orientation_at_any_phase(k: int) -> None:
+    trunk = Trunk(load_backbone("v1"), "complex", 128)
+    n = V1FilterBank().n_orientations
+    responses = []
+    for phase in (0.0, 1.0, 2.5):
+        out = trunk(_grating(math.pi * k / n, wavelength_px=4.0, phase=phase))
+        center = out[0, :n, 8:24, 8:24].mean((1, 2))  # scale 0 (wavelength 4 px), away from edges
+        assert int(center.argmax()) == k
+        assert float(center[k]) > 3 * float(center[(k + n // 2) % n])  # orthogonal: weak
+        responses.append(float(center[k]))
+    assert max(responses) / min(responses) < 1.05  # energy: the phase does not matter

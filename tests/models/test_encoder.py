@@ -15,8 +15,10 @@ from models.readouts import FactorizedConfig, ReadoutConfig, fit_readout
 from .conftest import SMALL_INPUT_PX, smooth_images
 
 
-def fitted_encoder(backbone: Backbone, kind: str = "factorized", members: int = 2) -> Encoder:
-    trunk = Trunk(backbone, "conv3", SMALL_INPUT_PX)
+def fitted_encoder(
+    backbone: Backbone, kind: str = "factorized", members: int = 2, layer: str = "conv3"
+) -> Encoder:
+    trunk = Trunk(backbone, layer, SMALL_INPUT_PX)
     images = smooth_images(40, 64, seed=5)
     features = FeatureExtractor(trunk).extract(images)
     gen = torch.Generator().manual_seed(0)
@@ -87,6 +89,17 @@ def test_save_load_round_trip(alexnet: Backbone, tmp_path: Path, kind: str) -> N
         assert torch.equal(loaded.spatial_masks(), encoder.spatial_masks())  # type: ignore[arg-type]
     else:
         assert loaded.spatial_masks() is None
+
+
+def test_fixed_backbone_round_trip_needs_no_weights_file(tmp_path: Path) -> None:
+    encoder = fitted_encoder(load_backbone("v1"), kind="ridge", members=1, layer="complex")
+    path = save_encoder(encoder, tmp_path / "v1.safetensors")
+    assert read_metadata(path)["weights_sha256"].startswith("fixed-")
+    loaded = load_encoder(path)  # the filters are rebuilt, identical
+    images = smooth_images(3, 64, seed=2)
+    assert torch.equal(loaded(images), encoder(images))
+    with pytest.raises(ValueError, match="takes no weights"):
+        load_encoder(path, weights=tmp_path / "any.pth")
 
 
 def test_load_refuses_other_weights_or_backbone(tmp_path: Path) -> None:
