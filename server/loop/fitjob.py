@@ -6,7 +6,10 @@ sessions); (2) responses z-scored per session and site with the session's normal
 (3) sites whose normalizer responses stop correlating across days (a site's mean-response profile
 over the normalizer images in one session against the average of the other sessions, r below
 ``stability_threshold``) are flagged unstable and left out, as are sites with constant
-responses; (4) ``models.fit.fit_model`` on all images shown (synthetic ones included: the refit
+responses. Only a site whose normalizer profile is reliable within a session (split-half,
+Spearman–Brown corrected, at least ``stability_min_reliability`` on average) can be judged: for
+a noisy site a low r across days says nothing about drift, so it is left to the reliability
+criterion instead of being thrown out; (4) ``models.fit.fit_model`` on all images shown (synthetic ones included: the refit
 learns from the model's own mistakes); (5) the artifact goes to the blob store as
 ``models/<id>.safetensors`` and a ``model`` row holds per-site metrics.
 
@@ -62,6 +65,7 @@ class FitParams:
     # 0.3: on the simulator with 16 normalizers x 6 repetitions, r < 0.5 flags about a quarter
     # of perfectly stable sites (Poisson noise on weakly tuned sites); r < 0.3 about a tenth
     stability_threshold: float = 0.3
+    stability_min_reliability: float = 0.5
     include_synthetic: bool = True
     seed: int = 0
     scatter_points: int = 2000
@@ -116,6 +120,27 @@ def normalize_session(counts: np.ndarray, is_normalizer: np.ndarray) -> tuple[np
     return (counts - mu) / sd, ("normalizer" if int(is_normalizer.sum()) >= 2 else "session")
 
 
+def _column_r(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r per column of two (images, sites) matrices; -1 where either column is constant."""
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    denom = np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (a * b).sum(0) / np.where(denom > 0, denom, 1), -1.0)
+
+
+def normalizer_reliability(halves: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """halves: per session, two (normalizer images, sites) mean-response matrices from disjoint
+    halves of its presentations. Returns (sites,) the mean over sessions of the Spearman–Brown
+    corrected split-half r (NaN without sessions or with < 3 images)."""
+    if not halves or halves[0][0].shape[0] < 3:
+        return np.full(halves[0][0].shape[1] if halves else 0, np.nan)
+    r = np.stack([_column_r(a, b) for a, b in halves])  # (sessions, sites)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corrected = np.where(r > -1, 2 * r / (1 + r), -1.0)
+    return np.asarray(corrected.mean(0))
+
+
 def normalizer_stability(profiles: Sequence[np.ndarray]) -> np.ndarray:
     """profiles: one (normalizer images, sites) mean-response matrix per session, same images in
     the same order. Returns (sites,) the minimum over sessions of the Pearson r between that
@@ -126,15 +151,18 @@ def normalizer_stability(profiles: Sequence[np.ndarray]) -> np.ndarray:
     stack = np.stack(profiles)  # (sessions, images, sites)
     worst = np.full(stack.shape[2], np.inf)
     for k in range(stack.shape[0]):
-        mine = stack[k]
-        others = np.delete(stack, k, axis=0).mean(0)
-        a = mine - mine.mean(0)
-        b = others - others.mean(0)
-        denom = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r = np.where(denom > 0, (a * b).sum(0) / np.where(denom > 0, denom, 1), -1.0)
-        worst = np.minimum(worst, r)
+        worst = np.minimum(worst, _column_r(stack[k], np.delete(stack, k, axis=0).mean(0)))
     return worst
+
+
+def judge_stability(
+    stability: np.ndarray, reliability: np.ndarray, threshold: float, min_reliability: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(stability r, unstable flags) per site: r is kept only where the normalizer profile is
+    reliable enough to judge (NaN otherwise, never unstable); unstable where r < threshold."""
+    judged = np.nan_to_num(reliability, nan=-np.inf) >= min_reliability
+    kept = np.where(judged, stability, np.nan)
+    return kept, np.nan_to_num(kept, nan=np.inf) < threshold
 
 
 def prepare(db: Session, subject_id: int, params: FitParams) -> FitData:
@@ -186,6 +214,7 @@ def prepare(db: Session, subject_id: int, params: FitParams) -> FitData:
     counts_parts, norm_parts, index_parts, session_parts = [], [], [], []
     normalization: list[str] = []
     profiles: list[dict[str, np.ndarray]] = []
+    halves: list[dict[str, tuple[np.ndarray, np.ndarray]]] = []
     for k, m in enumerate(matrices):
         keep = np.array([s in row_of for s in m.stimulus_ids], dtype=bool)
         counts = m.counts.astype(np.float64)[keep]
@@ -201,9 +230,14 @@ def prepare(db: Session, subject_id: int, params: FitParams) -> FitData:
         index_parts.append(index)
         session_parts.append(np.full(len(ids), k, dtype=np.int64))
         profile: dict[str, np.ndarray] = {}
+        half: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for sid in sorted({s for s, n in zip(ids, is_norm, strict=True) if n}):
-            profile[sid] = counts[index == row_of[sid]].mean(0)
+            shown = counts[index == row_of[sid]]
+            profile[sid] = shown.mean(0)
+            if len(shown) >= 2:
+                half[sid] = (shown[0::2].mean(0), shown[1::2].mean(0))
         profiles.append(profile)
+        halves.append(half)
     if not counts_parts:
         raise JobError(f"sessions {[s.id for s in sessions]} have no valid presentations to fit on")
     counts_all = np.concatenate(counts_parts)
@@ -213,7 +247,17 @@ def prepare(db: Session, subject_id: int, params: FitParams) -> FitData:
     )
     if stability.size == 0:
         stability = np.full(len(site_ids), np.nan)
-    unstable = np.nan_to_num(stability, nan=np.inf) < params.stability_threshold
+    split = sorted(set.intersection(*(set(h) for h in halves))) if halves else []
+    reliability = normalizer_reliability(
+        [(np.stack([h[s][0] for s in split]), np.stack([h[s][1] for s in split])) for h in halves]
+        if split
+        else []
+    )
+    if reliability.size == 0:
+        reliability = np.full(len(site_ids), np.nan)
+    stability, unstable = judge_stability(
+        stability, reliability, params.stability_threshold, params.stability_min_reliability
+    )
     normalized = np.concatenate(norm_parts)
     index_all = np.concatenate(index_parts)
     # a site is "flat" when its image means do not vary: the fit cannot use it

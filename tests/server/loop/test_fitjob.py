@@ -17,7 +17,9 @@ from server.jobs.queue import JobError
 from server.loop.fitjob import (
     FitParams,
     fit_subject,
+    judge_stability,
     normalize_session,
+    normalizer_reliability,
     normalizer_stability,
     prepare,
 )
@@ -44,6 +46,25 @@ def test_normalizer_stability_by_hand() -> None:
     r = normalizer_stability([day1, day2])
     assert r[0] == pytest.approx(1.0) and r[1] == pytest.approx(-1.0) and r[2] == -1.0
     assert np.isnan(normalizer_stability([day1])).all()  # one day: nothing to compare
+
+
+def test_normalizer_reliability_by_hand() -> None:
+    first = np.array([[1.0, 1, 4], [2, 3, 4], [3, 2, 4]])  # (images, sites); site 2 flat
+    second = np.array([[1.0, 2, 4], [2, 1, 4], [3, 3, 4]])
+    rel = normalizer_reliability([(first, second)])
+    # site 0: r = 1 -> 1; site 1: r = -0.5 -> 2(-0.5)/(1-0.5) = -2; flat: -1
+    assert rel[0] == pytest.approx(1.0) and rel[1] == pytest.approx(-2.0) and rel[2] == -1.0
+    both = normalizer_reliability([(first, second), (first, first)])
+    assert both[1] == pytest.approx((-2.0 + 1.0) / 2)  # mean over sessions
+    assert np.isnan(normalizer_reliability([(first[:2], second[:2])])).all()  # < 3 images
+
+
+def test_only_reliable_normalizer_profiles_are_judged_unstable() -> None:
+    stability = np.array([0.9, 0.1, 0.1, np.nan])
+    reliability = np.array([0.8, 0.8, 0.2, 0.9])  # site 2: too noisy to say it drifted
+    kept, unstable = judge_stability(stability, reliability, threshold=0.3, min_reliability=0.5)
+    assert unstable.tolist() == [False, True, False, False]
+    assert kept[0] == 0.9 and kept[1] == 0.1 and np.isnan(kept[2]) and np.isnan(kept[3])
 
 
 def test_prepare_and_fit_flag_an_unstable_site(settings: Settings, tmp_path: Path) -> None:
