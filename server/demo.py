@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import socket
 import threading
@@ -56,6 +57,10 @@ class DemoConfig:
     normalizer_repetitions: int = 6
     image_px: int = 128
     input_size: int = 128  # backbone input size for fitting and synthesis
+    # No ImageNet weights can be downloaded, so the demo fits on the fixed V1-like filter bank
+    # (meaningful without a weights file); "alexnet" here means a randomly initialised AlexNet.
+    backbone: str = "v1"
+    layer: str = "complex"
     readout: str = "ridge"  # at a few hundred images ridge beats the factorized readout here
     ensemble: int = 1
     max_targets: int = 12
@@ -63,12 +68,16 @@ class DemoConfig:
     synth_steps: int = 60
     synth_start: str = "image"  # "image": the target's best natural image; or "noise"
     synth_candidates: int = 2
-    images_per_target: int = 1
-    synthetic_repetitions: int = 8
+    # two stretch images per target, each shown as often as the references: the ratio compares
+    # maxima of noisy means on both sides (measured maxima are biased up by the noise)
+    images_per_target: int = 2
+    synthetic_repetitions: int = 20
     reference_count: int = 40
-    reference_repetitions: int = 8
+    reference_repetitions: int = 20
     break_rate: float = 0.03
     torch_threads: int = 1  # the server, rig and presenter threads share this process's cores
+    # overnight the rig and presenter are stopped, so the jobs may use every core (None)
+    worker_threads: int | None = None
 
     @classmethod
     def for_mode(cls, days: int, fast: bool, seed: int = 0) -> DemoConfig:
@@ -80,12 +89,11 @@ class DemoConfig:
             n_arrays=2,
             channels_per_array=24,
             n_natural=300,
-            natural_repetitions=6,
+            natural_repetitions=8,
             normalizer_repetitions=5,
             max_targets=8,
+            synth_steps=30,  # from the best natural image, 30 steps reach what 60 do (bench)
             reference_count=24,
-            synthetic_repetitions=6,
-            reference_repetitions=6,
         )
 
     @property
@@ -330,6 +338,8 @@ class Demo:
         ).json()
         loop_params = {
             "fit": {
+                "backbone": cfg.backbone,
+                "layer": cfg.layer,
                 "input_size": cfg.input_size,
                 "readout": cfg.readout,
                 "n_members": cfg.ensemble,
@@ -344,8 +354,8 @@ class Demo:
                 "images_per_target": cfg.images_per_target,
                 "size_px": cfg.image_px,
                 "seed": cfg.seed,
-                # Start each target from its best natural image: with a randomly initialised
-                # backbone the model is trustworthy only near natural images.
+                # Start each target from its best natural image: the same control as from noise
+                # in half the steps (and the model is most trustworthy near natural images).
                 "synthesis": {"start": cfg.synth_start, "start_noise": 0.1},
             },
             "synthetic_repetitions": cfg.synthetic_repetitions,
@@ -384,6 +394,7 @@ class Demo:
         rig_keys: tuple[str, str],
         clock: Any,
     ) -> None:
+        from rig.present.engine import EngineConfig
         from rig.present.headless import HeadlessConfig, HeadlessPresenter
 
         rig_api = httpx.Client(
@@ -428,7 +439,11 @@ class Demo:
                     RIG,
                     rig.flip_endpoint,
                     HeadlessConfig(
-                        break_rate=self.cfg.break_rate, cache_dir=self.var / "presenter-cache"
+                        break_rate=self.cfg.break_rate,
+                        cache_dir=self.var / "presenter-cache",
+                        # on the virtual clock the presenter outruns the daemon; let acks lag
+                        # more before it pauses (a real rig keeps the 2 s default)
+                        engine=EngineConfig(stall_after_s=10.0),
                     ),
                     seed=self.cfg.seed * 1000 + day,
                     clock=clock,
@@ -444,6 +459,8 @@ class Demo:
         api.post(f"/sessions/{session_id}/complete").raise_for_status()
 
     def _run_worker(self, settings: Settings, day: int) -> None:
+        import torch
+
         from server.db.session import engine_for, make_sessionmaker
         from server.stimuli.blobs import BlobStore
         from server.worker import WorkerConfig, resolve_device, run_one
@@ -452,14 +469,18 @@ class Demo:
         factory = make_sessionmaker(engine)
         blobs = BlobStore(settings.resolved_blob_dir)
         config = WorkerConfig(device=resolve_device("auto"), lease_s=600.0)
-        with tqdm(desc=f"day {day}: overnight jobs", unit="job") as bar:
-            while True:
-                job = run_one(factory, blobs, settings, config)
-                if job is None:
-                    break
-                bar.set_postfix_str(f"{job.kind} #{job.id}")
-                bar.update(1)
-        engine.dispose()
+        torch.set_num_threads(self.cfg.worker_threads or os.cpu_count() or 1)
+        try:
+            with tqdm(desc=f"day {day}: overnight jobs", unit="job") as bar:
+                while True:
+                    job = run_one(factory, blobs, settings, config)
+                    if job is None:
+                        break
+                    bar.set_postfix_str(f"{job.kind} #{job.id}")
+                    bar.update(1)
+        finally:
+            torch.set_num_threads(self.cfg.torch_threads)
+            engine.dispose()
 
     # -- results --------------------------------------------------------------------------
 
@@ -525,6 +546,7 @@ class Demo:
                                     day=day,
                                     predicted=prov.get("predicted_target"),
                                     measured=site.get("max_synthetic"),
+                                    predicted_units=str(prov.get("predicted_units") or ""),
                                 )
                             )
                 pairs = evaluation.summary.get("predicted_vs_measured") or []

@@ -53,8 +53,9 @@ class ExampleImage:
     target_site: int
     kind: str  # "stretch" | "one_hot"
     day: int
-    predicted: float | None
-    measured: float | None
+    predicted: float | None  # model units (``predicted_units``)
+    measured: float | None  # mean spike count in the response window
+    predicted_units: str = ""
 
 
 def _clean(value: Any) -> Any:
@@ -236,8 +237,9 @@ def write_report(
         '<figure class="img"><img src="data:image/png;base64,'
         + base64.b64encode(e.png).decode()
         + f'" width="96" height="96" alt="site {e.target_site}"/><figcaption>day {e.day} · '
-        f"{html.escape(e.kind)} · site {e.target_site}<br/>pred {_fmt(e.predicted)} · meas "
-        f"{_fmt(e.measured)}</figcaption></figure>"
+        f"{html.escape(e.kind)} · site {e.target_site}<br/>pred {_fmt(e.predicted)}"
+        f"{' ' + html.escape(e.predicted_units.split(' ')[0]) if e.predicted_units else ''}"
+        f" · meas {_fmt(e.measured)} spikes</figcaption></figure>"
         for e in examples
     )
     rows = "".join(
@@ -284,6 +286,9 @@ max over natural images (&gt; 1 means control beyond the natural range).</p>
 {svg_scatter(scatter_points, "Predicted vs measured response on synthetic images (all days)", "predicted", "measured")}
 {svg_scatter(onehot_points, "One-hot control score: best synthetic (x) vs best natural (y)", "synthetic", "natural")}
 <h2>Example synthetic images by target</h2>
+<p>pred: the model's prediction at the target, in its units (z: responses z-scored per session
+with the normalizer images); meas: the measured mean spike count of the target in its response
+window.</p>
 <div>{gallery or '<p class="empty">no synthetic images yet</p>'}</div>
 <h2>Run</h2><table>{meta_rows}</table>
 </body></html>

@@ -266,7 +266,11 @@ class BlockRunner:
             return
         started = time.monotonic()
         log.warning(
-            "block %d: daemon or server unreachable; pausing between trials", self.plan.block_id
+            "block %d: %d flip messages unacknowledged by the rig daemon for over %.1f s, or "
+            "the server failing; pausing between trials",
+            self.plan.block_id,
+            self._channel_pending(),
+            stall,
         )
         while True:
             flips_ok = self._channel_pending() == 0

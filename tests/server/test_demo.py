@@ -58,12 +58,16 @@ def test_demo_fast_runs_the_closed_loop_end_to_end(tmp_path: Path) -> None:
         assert d["median_stretch_ratio"] is not None and d["median_stretch_ratio"] > 0
         assert 0.0 <= d["stretch_success_fraction"] <= 1.0
         assert d["onehot_improved_fraction"] is not None and d["overprediction"] is not None
-    # The model explains part of the simulated sites' reliable variance (not all of it: the
-    # simulator shares nothing with the backbone, and the backbone has random weights here).
+    # The model explains part of the simulated sites' reliable variance, not all of it: the
+    # simulator's sites normalise, threshold and saturate; the V1-like backbone does none of it.
     assert 0.05 < days[-1]["median_noise_corrected_ev"] < 0.95
-    # Control: each target's synthetic image, started from its best natural image, must drive it
-    # at least 60 % as hard as the best natural image shown that day (median over targets).
-    # Synthesis from noise reaches only about 0.3-0.6 here, and with the randomly initialised
-    # backbone (no ImageNet weights can be had offline) runs of the fast demo land between 0.76
-    # and 1.01, so 0.6 separates a working loop from a broken one without flaking.
-    assert days[-1]["median_stretch_ratio"] > 0.6, days[-1]
+    # Control, the issue's criterion: by the last day the measured stretch ratio exceeds 1 for
+    # most target sites, i.e. for more than half of them (success fraction > 0.5). Noise-free,
+    # every target's synthetic image beats the best of all natural images by 1.0-1.5x
+    # (bench/control.py); measured through 20 noisy repetitions, runs of the fast demo with
+    # seeds 0-2 end at 75-100 % of targets, so 0.5 is the threshold the issue asks for and not
+    # one tuned to a single lucky run.
+    last = days[-1]
+    assert last["n_targets"] >= 4, last  # a fraction of fewer targets would say little
+    assert last["stretch_success_fraction"] > 0.5, last
+    assert last["median_stretch_ratio"] > 1.0, last
