@@ -213,10 +213,31 @@ def _open_monitor(config: PresentConfig) -> Any:
     return mon
 
 
+SOFTWARE_RENDERERS = ("llvmpipe", "softpipe", "swrast", "software rasterizer")
+
+
+def _software_renderer(win: Any) -> str | None:
+    """The OpenGL renderer's name when it renders in software (Xvfb, a VM: no vertical sync)."""
+    if getattr(win, "winType", "pyglet") != "pyglet":
+        return None
+    try:
+        from pyglet.gl import gl_info
+
+        renderer = str(gl_info.get_renderer())
+    except Exception:  # no GL information: decide on the measured rate alone
+        return None
+    return renderer if any(s in renderer.lower() for s in SOFTWARE_RENDERERS) else None
+
+
 def _refresh(win: Any, config: PresentConfig) -> tuple[float, bool]:
-    """(nominal refresh rate, whether the screen must pace its own flips)."""
+    """(nominal refresh rate, whether the screen must pace its own flips).
+
+    Flips must be paced when they do not wait for the display: a software OpenGL renderer
+    (whose flip rate only says how fast the CPU is, 180-300 Hz here) or a measured rate above
+    any real display's."""
     measured = win.getActualFrameRate(nIdentical=10, nMaxFrames=60, nWarmUpFrames=5)
-    no_vsync = measured is None or measured > MAX_VSYNC_HZ
+    software = _software_renderer(win)
+    no_vsync = measured is None or measured > MAX_VSYNC_HZ or software is not None
     if config.refresh_hz is not None:
         nominal = config.refresh_hz
         if measured is not None and not no_vsync and abs(measured - nominal) > 0.1 * nominal:
@@ -229,7 +250,12 @@ def _refresh(win: Any, config: PresentConfig) -> tuple[float, bool]:
     else:
         nominal = float(measured)
     if no_vsync:
-        log.warning("no vertical sync (measured %s Hz): pacing flips to %.1f Hz", measured, nominal)
+        log.warning(
+            "no vertical sync (measured %s Hz%s): pacing flips to %.1f Hz",
+            measured,
+            f", software renderer {software}" if software else "",
+            nominal,
+        )
     return nominal, no_vsync
 
 
