@@ -1,6 +1,9 @@
 """The virtual monkey's hidden ground truth: a V4-like population of multi-unit sites.
 
-Built so that it shares nothing with the model backbones (no learned weights, no deep network):
+It shares no code, weights or deep network with the model backbones. Like the ``v1`` backbone
+it starts from oriented filters, but a different bank built differently (one-sided Fourier-domain
+filters, 3 scales, on a 64 px image), and it adds what no backbone has (normalisation, threshold,
+saturation, drift), so even the ``v1`` model only approximates it:
 
 1. the image (grayscale, [0, 1]) is resampled to ``image_px`` and whitened slightly;
 2. a bank of complex oriented band-pass filters (``n_orientations`` x ``n_scales``, built in the
