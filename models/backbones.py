@@ -389,7 +389,8 @@ def load_backbone(
             f"backbone {spec!r} has no weights: it is randomly initialised (seed {seed}), so its "
             f"features are not ImageNet features and predictions will be poor. Pass weights=PATH "
             f"(--weights PATH) pointing at a local ImageNet checkpoint, e.g. torchvision's "
-            f"alexnet-owt-7be5be79.pth.",
+            f"alexnet-owt-7be5be79.pth, or use the fixed backbone 'v1' (layer 'complex'), which "
+            f"needs no weights.",
             RandomWeightsWarning,
             stacklevel=2,
         )

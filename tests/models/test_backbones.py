@@ -41,7 +41,7 @@ def test_random_init_warns_with_how_to_fix_and_is_seeded() -> None:
         first = load_backbone("alexnet", None, seed=3)
     with pytest.warns(RandomWeightsWarning, match="predictions will be poor"):
         again = load_backbone("alexnet", None, seed=3)
-    with pytest.warns(RandomWeightsWarning):
+    with pytest.warns(RandomWeightsWarning, match="fixed backbone 'v1'"):
         other = load_backbone("alexnet", None, seed=4)
     assert first.weights_sha256 == "random-seed-3"
     a, b, c = (bb.network.state_dict()["features.0.weight"] for bb in (first, again, other))
