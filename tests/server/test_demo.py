@@ -64,8 +64,8 @@ def test_demo_fast_runs_the_closed_loop_end_to_end(tmp_path: Path) -> None:
     # Control, the issue's criterion: by the last day the measured stretch ratio exceeds 1 for
     # most target sites, i.e. for more than half of them (success fraction > 0.5). Noise-free,
     # every target's synthetic image beats the best of all natural images by 1.0-1.5x
-    # (bench/control.py); measured through 20 noisy repetitions, runs of the fast demo with
-    # seeds 0-2 end at 75-100 % of targets, so 0.5 is the threshold the issue asks for and not
+    # (bench/control.py); measured through 20 noisy repetitions, six runs of the fast demo
+    # (seeds 0-3) ended at 75-100 % of targets, so 0.5 is the threshold the issue asks for and not
     # one tuned to a single lucky run.
     last = days[-1]
     assert last["n_targets"] >= 4, last  # a fraction of fewer targets would say little
