@@ -272,16 +272,18 @@ def _normalizer_block(
     )
 
 
-def choose_references(
-    db: Session,
-    subject_id: int,
-    targets: Sequence[int],
-    config: LoopConfig,
-    seed: int,
-) -> list[str]:
-    """Natural reference images: each target's ``reference_per_target`` best-driving natural
-    images (by mean measured count over the subject's completed sessions), then a seeded random
-    sample of the other natural images shown, up to ``reference_count`` in all."""
+@dataclass(frozen=True)
+class NaturalMeans:
+    """Mean measured count of every natural image a subject was shown, per site."""
+
+    stimulus_ids: list[str]  # sorted
+    site_ids: list[int]
+    means: np.ndarray  # (stimuli, sites) over the subject's completed sessions
+
+
+def natural_means(db: Session, subject_id: int) -> NaturalMeans | None:
+    """Per site, the mean measured count of each natural image over the subject's completed
+    sessions; None when no natural image has been shown yet."""
     from server.sessions.service import response_matrix
 
     session_ids = list(
@@ -293,7 +295,7 @@ def choose_references(
         )
     )
     if not session_ids:
-        return []
+        return None
     matrix = response_matrix(db, session_ids)
     natural = set(
         db.scalars(
@@ -305,19 +307,37 @@ def choose_references(
     )
     order = sorted(natural)
     if not order:
-        return []
+        return None
     index_of = {s: i for i, s in enumerate(order)}
-    rows = np.array([i for i, s in enumerate(matrix.stimulus_ids) if s in natural], dtype=np.int64)
+    rows = [i for i, s in enumerate(matrix.stimulus_ids) if s in natural]
     stim = np.array([index_of[matrix.stimulus_ids[i]] for i in rows], dtype=np.int64)
-    column = {s: c for c, s in enumerate(matrix.site_ids)}
+    sums = np.zeros((len(order), len(matrix.site_ids)))
+    np.add.at(sums, stim, matrix.counts[rows].astype(np.float64))
+    means = sums / np.maximum(np.bincount(stim, minlength=len(order)), 1)[:, None]
+    return NaturalMeans(order, list(matrix.site_ids), means)
+
+
+def choose_references(
+    db: Session,
+    subject_id: int,
+    targets: Sequence[int],
+    config: LoopConfig,
+    seed: int,
+) -> list[str]:
+    """Natural reference images: each target's ``reference_per_target`` best-driving natural
+    images (by mean measured count over the subject's completed sessions), then a seeded random
+    sample of the other natural images shown, up to ``reference_count`` in all."""
+    measured = natural_means(db, subject_id)
+    if measured is None:
+        return []
+    order = measured.stimulus_ids
+    column = {s: c for c, s in enumerate(measured.site_ids)}
     chosen: list[str] = []
-    if config.reference_per_target > 0 and rows.size:
-        cols = [column[t] for t in targets if t in column]
-        sums = np.zeros((len(order), len(cols)))
-        np.add.at(sums, stim, matrix.counts[rows][:, cols].astype(np.float64))
-        means = sums / np.maximum(np.bincount(stim, minlength=len(order)), 1)[:, None]
-        for j in range(len(cols)):
-            for i in np.argsort(-means[:, j], kind="stable")[: config.reference_per_target]:
+    if config.reference_per_target > 0:
+        for c in [column[t] for t in targets if t in column]:
+            for i in np.argsort(-measured.means[:, c], kind="stable")[
+                : config.reference_per_target
+            ]:
                 if order[int(i)] not in chosen:
                     chosen.append(order[int(i)])
     rest = [s for s in order if s not in chosen]

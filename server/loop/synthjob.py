@@ -206,39 +206,13 @@ def best_natural_stimuli(db: Session, subject_id: int) -> dict[int, str]:
     completed sessions (the start of ``start: "image"`` synthesis)."""
     import numpy as np
 
-    from server.db.models import RecordingSession, SessionState, Stimulus, StimulusKind
-    from server.sessions.service import response_matrix
+    from server.loop.policy import natural_means
 
-    session_ids = list(
-        db.scalars(
-            select(RecordingSession.id).where(
-                RecordingSession.subject_id == subject_id,
-                RecordingSession.state == SessionState.completed.value,
-            )
-        )
-    )
-    if not session_ids:
+    measured = natural_means(db, subject_id)
+    if measured is None:
         return {}
-    matrix = response_matrix(db, session_ids)
-    natural = set(
-        db.scalars(
-            select(Stimulus.id).where(
-                Stimulus.id.in_(set(matrix.stimulus_ids)),
-                Stimulus.kind == StimulusKind.natural.value,
-            )
-        )
-    )
-    order = sorted(natural)
-    if not order:
-        return {}
-    index_of = {sid: i for i, sid in enumerate(order)}
-    rows = [i for i, sid in enumerate(matrix.stimulus_ids) if sid in natural]
-    stim = np.array([index_of[matrix.stimulus_ids[i]] for i in rows], dtype=np.int64)
-    sums = np.zeros((len(order), len(matrix.site_ids)))
-    np.add.at(sums, stim, matrix.counts[rows].astype(np.float64))
-    means = sums / np.maximum(np.bincount(stim, minlength=len(order)), 1)[:, None]
-    best = np.argmax(means, axis=0)  # (sites,)
-    return {site: order[int(best[c])] for c, site in enumerate(matrix.site_ids)}
+    best = np.argmax(measured.means, axis=0)  # (sites,)
+    return {site: measured.stimulus_ids[int(best[c])] for c, site in enumerate(measured.site_ids)}
 
 
 def _start_images(
