@@ -187,6 +187,12 @@ class Setup:
                     proc.kill()
                     proc.wait(15)
 
+    def flip_channel(self, resend_after_s: float) -> FlipChannel:
+        """The presenter's side: a started flip channel to this daemon."""
+        return FlipChannel(
+            f"tcp://127.0.0.1:{self.flip_port}", ack_keys, resend_after_s=resend_after_s
+        ).start()
+
     def flips(self, lo: int, hi: int) -> Iterator[protocol.Flip]:
         for i in range(lo, hi):
             yield make_flip(self.world, i)
@@ -229,9 +235,7 @@ def test_ingest_killed_mid_stream_every_presentation_stored_once(rig_setup: Setu
     setup = rig_setup
     setup.start_ingest()
     setup.start_daemon()
-    channel = FlipChannel(
-        f"tcp://127.0.0.1:{setup.flip_port}", ack_keys, resend_after_s=2.0
-    ).start()
+    channel = setup.flip_channel(resend_after_s=2.0)
     try:
         send(channel, setup.flips(0, N // 2))
         setup.wait(lambda: stored_count(setup.url) >= 300, "the first records stored")
@@ -265,9 +269,7 @@ def test_daemon_killed_mid_stream_nothing_in_its_spool_lost_or_duplicated(rig_se
     setup = rig_setup
     setup.start_ingest()
     setup.start_daemon()
-    channel = FlipChannel(
-        f"tcp://127.0.0.1:{setup.flip_port}", ack_keys, resend_after_s=1.0
-    ).start()
+    channel = setup.flip_channel(resend_after_s=1.0)
     try:
         send(channel, setup.flips(0, N // 2))
         setup.wait(lambda: stored_count(setup.url) >= 300, "the first records stored")
@@ -357,9 +359,7 @@ def test_malformed_flood_both_stay_up_valid_stored_bad_counted(
     ingest.start()
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     setup.start_daemon()
-    channel = FlipChannel(
-        f"tcp://127.0.0.1:{setup.flip_port}", ack_keys, resend_after_s=1.0
-    ).start()
+    channel = setup.flip_channel(resend_after_s=1.0)
     try:
         rogue_rig = ctx.socket(zmq.DEALER)  # holds the registered key: its frames reach the decoder
         rogue_rig.curve_serverkey = setup.server_keys[0]
@@ -425,9 +425,7 @@ def test_daemon_without_a_registered_key_stores_nothing(tmp_path: Path, database
     setup = Setup(tmp_path, database_url, register_key=False)
     setup.start_ingest()
     setup.start_daemon()
-    channel = FlipChannel(
-        f"tcp://127.0.0.1:{setup.flip_port}", ack_keys, resend_after_s=1.0
-    ).start()
+    channel = setup.flip_channel(resend_after_s=1.0)
     try:
         send(channel, setup.flips(0, 50))
         assert channel.wait_drained(30)
