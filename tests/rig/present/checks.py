@@ -7,6 +7,8 @@ from typing import Any
 
 from rig import protocol
 
+VALID_AFTER_S = 0.11  # count window end 60 ms + 50 ms photodiode lag > 50 ms on + 50 ms off
+
 
 def valid_counts(messages: list[Any], valid_after_s: float) -> Counter[str]:
     """Valid presentations per image: flips with fixation held at onset and not spoiled by a break.

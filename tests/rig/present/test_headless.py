@@ -12,6 +12,7 @@ from rig.present.engine import EngineConfig
 from rig.present.headless import HeadlessConfig, HeadlessPresenter, VirtualClock, run_headless
 from tests.conftest import auth
 from tests.rig.present.checks import (
+    VALID_AFTER_S,
     assert_stream_consistent,
     sent_summary,
     summary,
@@ -25,8 +26,6 @@ from tests.rig.present.conftest import (
     schedule_block,
     wait_until,
 )
-
-VALID_AFTER_S = 0.11  # count window end 60 ms + 50 ms photodiode lag > 50 ms on + 50 ms off
 
 
 def _config(cache_dir: Path, **kwargs: object) -> HeadlessConfig:

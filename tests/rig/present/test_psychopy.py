@@ -20,7 +20,13 @@ from rig.present.engine import EngineConfig
 from rig.present.headless import HeadlessConfig, VirtualClock, run_headless
 from rig.present.run import PresentConfig, run_present
 from tests.conftest import auth, require_component
-from tests.rig.present.checks import assert_stream_consistent, sent_summary, summary, valid_counts
+from tests.rig.present.checks import (
+    VALID_AFTER_S,
+    assert_stream_consistent,
+    sent_summary,
+    summary,
+    valid_counts,
+)
 from tests.rig.present.conftest import (
     LoopbackReceiver,
     complete_session,
@@ -29,8 +35,6 @@ from tests.rig.present.conftest import (
     schedule_block,
     wait_until,
 )
-
-VALID_AFTER_S = 0.11  # count window end 60 ms + 50 ms photodiode lag > 50 ms on + 50 ms off
 
 
 @pytest.fixture(scope="session")
