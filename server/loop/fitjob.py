@@ -9,8 +9,8 @@ over the normalizer images in one session against the average of the other sessi
 responses. Only a site whose normalizer profile is reliable within a session (split-half,
 Spearman–Brown corrected, at least ``stability_min_reliability`` on average) can be judged: for
 a noisy site a low r across days says nothing about drift, so it is left to the reliability
-criterion instead of being thrown out; (4) ``models.fit.fit_model`` on all images shown (synthetic ones included: the refit
-learns from the model's own mistakes); (5) the artifact goes to the blob store as
+criterion instead of being thrown out; (4) ``models.fit.fit_model`` on all images shown
+(synthetic ones included: the refit learns from the model's own mistakes); (5) the artifact goes to the blob store as
 ``models/<id>.safetensors`` and a ``model`` row holds per-site metrics.
 
 ``prepare`` reads (one short transaction), ``compute`` fits (no database), ``store`` writes (the
@@ -129,16 +129,24 @@ def _column_r(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(denom > 0, (a * b).sum(0) / np.where(denom > 0, denom, 1), -1.0)
 
 
-def normalizer_reliability(halves: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """halves: per session, two (normalizer images, sites) mean-response matrices from disjoint
-    halves of its presentations. Returns (sites,) the mean over sessions of the Spearman–Brown
-    corrected split-half r (NaN without sessions or with < 3 images)."""
-    if not halves or halves[0][0].shape[0] < 3:
-        return np.full(halves[0][0].shape[1] if halves else 0, np.nan)
-    r = np.stack([_column_r(a, b) for a, b in halves])  # (sessions, sites)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        corrected = np.where(r > -1, 2 * r / (1 + r), -1.0)
-    return np.asarray(corrected.mean(0))
+def normalizer_reliability(sessions: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """sessions: per session, its normalizer presentations as (counts (presentations, sites),
+    stimulus index (presentations,)). Returns (sites,) the mean over sessions of the
+    Spearman–Brown corrected split-half reliability (``models.metrics``; each image's
+    presentations split into first and second half; NaN with < 3 images shown twice)."""
+    import torch
+
+    from models.metrics import split_half_reliability
+
+    if not sessions:
+        return np.zeros(0)
+    per_session = [
+        split_half_reliability(
+            torch.from_numpy(counts), torch.from_numpy(index), randomize=False
+        ).numpy()
+        for counts, index in sessions
+    ]
+    return np.asarray(np.mean(per_session, axis=0))
 
 
 def normalizer_stability(profiles: Sequence[np.ndarray]) -> np.ndarray:
@@ -214,7 +222,7 @@ def prepare(db: Session, subject_id: int, params: FitParams) -> FitData:
     counts_parts, norm_parts, index_parts, session_parts = [], [], [], []
     normalization: list[str] = []
     profiles: list[dict[str, np.ndarray]] = []
-    halves: list[dict[str, tuple[np.ndarray, np.ndarray]]] = []
+    normalizer_shown: list[tuple[np.ndarray, np.ndarray]] = []
     for k, m in enumerate(matrices):
         keep = np.array([s in row_of for s in m.stimulus_ids], dtype=bool)
         counts = m.counts.astype(np.float64)[keep]
@@ -229,15 +237,13 @@ def prepare(db: Session, subject_id: int, params: FitParams) -> FitData:
         norm_parts.append(z)
         index_parts.append(index)
         session_parts.append(np.full(len(ids), k, dtype=np.int64))
-        profile: dict[str, np.ndarray] = {}
-        half: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for sid in sorted({s for s, n in zip(ids, is_norm, strict=True) if n}):
-            shown = counts[index == row_of[sid]]
-            profile[sid] = shown.mean(0)
-            if len(shown) >= 2:
-                half[sid] = (shown[0::2].mean(0), shown[1::2].mean(0))
-        profiles.append(profile)
-        halves.append(half)
+        profiles.append(
+            {
+                sid: counts[index == row_of[sid]].mean(0)
+                for sid in sorted({s for s, n in zip(ids, is_norm, strict=True) if n})
+            }
+        )
+        normalizer_shown.append((counts[is_norm], index[is_norm]))
     if not counts_parts:
         raise JobError(f"sessions {[s.id for s in sessions]} have no valid presentations to fit on")
     counts_all = np.concatenate(counts_parts)
@@ -247,12 +253,7 @@ def prepare(db: Session, subject_id: int, params: FitParams) -> FitData:
     )
     if stability.size == 0:
         stability = np.full(len(site_ids), np.nan)
-    split = sorted(set.intersection(*(set(h) for h in halves))) if halves else []
-    reliability = normalizer_reliability(
-        [(np.stack([h[s][0] for s in split]), np.stack([h[s][1] for s in split])) for h in halves]
-        if split
-        else []
-    )
+    reliability = normalizer_reliability(normalizer_shown)
     if reliability.size == 0:
         reliability = np.full(len(site_ids), np.nan)
     stability, unstable = judge_stability(

@@ -51,12 +51,16 @@ def test_normalizer_stability_by_hand() -> None:
 def test_normalizer_reliability_by_hand() -> None:
     first = np.array([[1.0, 1, 4], [2, 3, 4], [3, 2, 4]])  # (images, sites); site 2 flat
     second = np.array([[1.0, 2, 4], [2, 1, 4], [3, 3, 4]])
-    rel = normalizer_reliability([(first, second)])
-    # site 0: r = 1 -> 1; site 1: r = -0.5 -> 2(-0.5)/(1-0.5) = -2; flat: -1
-    assert rel[0] == pytest.approx(1.0) and rel[1] == pytest.approx(-2.0) and rel[2] == -1.0
-    both = normalizer_reliability([(first, second), (first, first)])
+    index = np.array([0, 1, 2, 0, 1, 2])  # each image twice: first, then second presentation
+    rel = normalizer_reliability([(np.concatenate([first, second]), index)])
+    # site 0: r = 1 -> 1; site 1: r = -0.5 -> 2(-0.5)/(1-0.5) = -2; flat: no reliability (0)
+    assert rel[0] == pytest.approx(1.0) and rel[1] == pytest.approx(-2.0) and rel[2] == 0.0
+    both = normalizer_reliability(
+        [(np.concatenate([first, second]), index), (np.concatenate([first, first]), index)]
+    )
     assert both[1] == pytest.approx((-2.0 + 1.0) / 2)  # mean over sessions
-    assert np.isnan(normalizer_reliability([(first[:2], second[:2])])).all()  # < 3 images
+    two_images = (np.concatenate([first[:2], second[:2]]), np.array([0, 1, 0, 1]))
+    assert np.isnan(normalizer_reliability([two_images])).all()  # < 3 images
 
 
 def test_only_reliable_normalizer_profiles_are_judged_unstable() -> None:
